@@ -1,0 +1,43 @@
+"""Rotary position embedding with interleaved pairs (GPT-J style), as Wan, HunyuanVideo and FastVideo use it."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["apply_rotary", "normalize_rotary_tables"]
+
+RotaryTables = tuple[torch.Tensor, torch.Tensor]
+
+
+def normalize_rotary_tables(freqs_cis: RotaryTables, head_dim: int) -> RotaryTables:
+    """Bring `(cos, sin)` to `[1 or B, S, 1, D/2]` (one angle per pair).
+
+    Accepts `[S, D]` or `[S, D/2]` (FastVideo / HunyuanVideo) and `[1 or B, S, 1, D]` (diffusers' Wan).
+    With `D` columns each pair's angle is repeated: cos is read at even and sin at odd columns.
+    """
+    cos, sin = freqs_cis
+    if cos.shape != sin.shape:
+        raise ValueError(f"rotary cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
+    if cos.ndim == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.ndim != 4 or cos.shape[2] != 1:
+        raise ValueError(f"rotary tables must be [S, D], [S, D/2] or [B, S, 1, D]; got {tuple(cos.shape)}")
+    if cos.shape[-1] == head_dim:
+        cos, sin = cos[..., 0::2], sin[..., 1::2]
+    elif cos.shape[-1] != head_dim // 2:
+        raise ValueError(f"rotary tables have {cos.shape[-1]} columns; head dim {head_dim} needs {head_dim} or {head_dim // 2}")
+    return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, freqs_cis: RotaryTables) -> torch.Tensor:
+    """Rotate interleaved pairs of `x [B, S, H, D]` in fp32 and cast back.
+
+    `o[2i] = x[2i] cos - x[2i+1] sin`, `o[2i+1] = x[2i+1] cos + x[2i] sin`. Tables must cover exactly `S` rows.
+    """
+    cos, sin = normalize_rotary_tables(freqs_cis, x.shape[-1])
+    if cos.shape[1] != x.shape[1]:
+        raise ValueError(f"rotary tables cover {cos.shape[1]} tokens but the sequence has {x.shape[1]}")
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos.float(), sin.float()
+    out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return out.type_as(x)

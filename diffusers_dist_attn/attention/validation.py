@@ -1,0 +1,110 @@
+"""Input checks shared by the layers. Every check runs on every rank before any collective, so bad input
+raises a clear `ValueError` everywhere instead of hanging one rank in an all-to-all."""
+
+from __future__ import annotations
+
+import torch
+
+from ..distributed.groups import valid_degrees
+
+__all__ = ["check_qkv", "check_head_split", "check_replicated", "check_sparsity", "check_grid"]
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_length: bool = True, allow_gqa: bool = False
+) -> None:
+    """q, k, v are 4-D `[B, S, H, D]` on one device with one dtype; k and v have equal shapes."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be 4-D [batch, seq_len, heads, head_dim]; got shape {_shape(t)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}.dtype {t.dtype} differs from q.dtype {q.dtype}; all must match")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all must be on one device")
+    if k.shape != v.shape:
+        raise ValueError(f"k {_shape(k)} and v {_shape(v)} must have the same shape")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"q {_shape(q)} and k {_shape(k)} must agree in batch (dim 0) and head_dim (dim 3)")
+    if same_length and k.shape[1] != q.shape[1]:
+        raise ValueError(f"q {_shape(q)} and k {_shape(k)} must have the same sequence length (dim 1)")
+    if k.shape[2] != q.shape[2]:
+        if not allow_gqa:
+            raise ValueError(
+                f"q has {q.shape[2]} heads but k/v have {k.shape[2]}; this layer needs equal head counts "
+                "(repeat k/v heads, or use LocalAttention for grouped-query attention)"
+            )
+        if q.shape[2] % k.shape[2]:
+            raise ValueError(f"q heads {q.shape[2]} must be a multiple of k/v heads {k.shape[2]} (GQA)")
+
+
+def check_head_split(num_heads: int, world: int) -> None:
+    """Ulysses needs the head count to be divisible by the sequence-parallel degree."""
+    if num_heads % world:
+        raise ValueError(
+            f"{num_heads} attention heads cannot be split over a sequence-parallel degree of {world}; "
+            f"degrees that divide the heads: {valid_degrees(num_heads)}"
+        )
+
+
+def check_replicated(
+    q: torch.Tensor,
+    replicated: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+    replicated_mask: torch.Tensor | None,
+) -> bool:
+    """Validate replicated (text) tokens; returns whether they are present."""
+    given = [t is not None for t in replicated]
+    if any(given) and not all(given):
+        missing = [n for n, g in zip(("replicated_q", "replicated_k", "replicated_v"), given, strict=True) if not g]
+        raise ValueError(f"replicated_q, replicated_k and replicated_v must be given together; missing {missing}")
+    if not any(given):
+        if replicated_mask is not None:
+            raise ValueError("replicated_mask was given without replicated_q/k/v")
+        return False
+    rq, rk, rv = replicated
+    for name, t in (("replicated_q", rq), ("replicated_k", rk), ("replicated_v", rv)):
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be 4-D [batch, text_len, heads, head_dim]; got shape {_shape(t)}")
+        if t.shape != rq.shape:
+            raise ValueError(f"{name} {_shape(t)} must have the shape of replicated_q {_shape(rq)}")
+        if t.shape[0] != q.shape[0] or t.shape[2:] != q.shape[2:]:
+            raise ValueError(
+                f"{name} {_shape(t)} must match q {_shape(q)} in batch, heads and head_dim (all heads on every rank)"
+            )
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}); got {t.dtype}, {t.device}")
+    if replicated_mask is not None:
+        if replicated_mask.dtype != torch.bool or replicated_mask.shape != (rq.shape[0], rq.shape[1]):
+            raise ValueError(
+                f"replicated_mask must be a bool tensor [batch, text_len] = {(rq.shape[0], rq.shape[1])}; "
+                f"got {replicated_mask.dtype} {_shape(replicated_mask)}"
+            )
+        if replicated_mask.device != q.device:
+            raise ValueError(f"replicated_mask is on {replicated_mask.device}; it must be on {q.device}")
+    return True
+
+
+def check_sparsity(sparsity: float) -> float:
+    sparsity = float(sparsity)
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1) (fraction of key blocks skipped); got {sparsity}")
+    return sparsity
+
+
+def check_grid(grid_size: tuple[int, int, int] | None, seq_len: int) -> tuple[int, int, int]:
+    if grid_size is None:
+        raise ValueError("grid_size=(T, H, W) of the post-patch video grid is required for video sparse attention")
+    grid = tuple(int(g) for g in grid_size)
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"grid_size must be three positive ints (T, H, W); got {grid_size}")
+    if grid[0] * grid[1] * grid[2] != seq_len:
+        raise ValueError(
+            f"grid_size {grid} has {grid[0] * grid[1] * grid[2]} tokens but the (unpadded) sequence has {seq_len}"
+        )
+    return grid

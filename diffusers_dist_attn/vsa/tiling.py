@@ -1,0 +1,104 @@
+"""Tiling of a post-patch (T, H, W) token grid into 4x4x4 cubes padded to 64-token blocks (VSA geometry).
+
+Tokens arrive in raster order `(t, h, w)`. Tiles are visited in raster order of tile coordinates; inside a tile
+its in-bounds voxels in raster order; each tile occupies one 64-slot block, real tokens first, padding after
+(tiles at the upper borders are clipped, so `block_sizes[b] <= 64`). Pad slots are exactly zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TILE", "BLOCK", "TileLayout", "tile_layout", "tile", "untile", "topk_for_sparsity"]
+
+TILE: tuple[int, int, int] = (4, 4, 4)
+BLOCK: int = TILE[0] * TILE[1] * TILE[2]
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Index tensors for one grid.
+
+    Attributes:
+        grid: `(T, H, W)` post-patch grid, `S = T*H*W` tokens.
+        tiles: tiles per axis `(ceil(T/4), ceil(H/4), ceil(W/4))`.
+        num_blocks: `N = prod(tiles)`; the tiled length is `64 * N`.
+        slot_index: long `[S]`, raster token i -> its slot in the tiled sequence.
+        block_sizes: int32 `[N]`, real tokens per block (sum = S).
+    """
+
+    grid: tuple[int, int, int]
+    tiles: tuple[int, int, int]
+    num_blocks: int
+    slot_index: torch.Tensor
+    block_sizes: torch.Tensor
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def tiled_len(self) -> int:
+        return BLOCK * self.num_blocks
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_cpu(grid: tuple[int, int, int]) -> TileLayout:
+    t, h, w = grid
+    tiles = tuple(math.ceil(n / s) for n, s in zip(grid, TILE, strict=True))
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), dim=-1
+    ).reshape(-1, 3)  # raster order
+    tile_coords = coords // torch.tensor(TILE)
+    block_of_token = (tile_coords[:, 0] * tiles[1] + tile_coords[:, 1]) * tiles[2] + tile_coords[:, 2]
+    num_blocks = tiles[0] * tiles[1] * tiles[2]
+    # Stable sort by block keeps raster order inside each tile.
+    order = torch.sort(block_of_token, stable=True).indices  # tile order -> raster token
+    block_sizes = torch.bincount(block_of_token, minlength=num_blocks)
+    starts = torch.cumsum(block_sizes, 0) - block_sizes
+    sorted_blocks = block_of_token[order]
+    rank_in_block = torch.arange(order.numel()) - starts[sorted_blocks]
+    slot_index = torch.empty_like(order)
+    slot_index[order] = sorted_blocks * BLOCK + rank_in_block
+    return TileLayout(grid, tiles, num_blocks, slot_index, block_sizes.to(torch.int32))
+
+
+_DEVICE_CACHE: dict[tuple[tuple[int, int, int], torch.device], TileLayout] = {}
+
+
+def tile_layout(grid: tuple[int, int, int], device: torch.device | str = "cpu") -> TileLayout:
+    """The (cached) tile layout of `grid` with its index tensors on `device`."""
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"grid_size must be three positive ints (T, H, W); got {grid}")
+    device = torch.device(device)
+    key = (grid, device)
+    if key not in _DEVICE_CACHE:
+        base = _layout_cpu(grid)
+        _DEVICE_CACHE[key] = TileLayout(
+            base.grid, base.tiles, base.num_blocks, base.slot_index.to(device), base.block_sizes.to(device)
+        )
+    return _DEVICE_CACHE[key]
+
+
+def tile(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """`[B, S, H, D]` raster order -> `[B, H, 64*N, D]` tiled, zero in pad slots (contiguous)."""
+    b, s, h, d = x.shape
+    if s != layout.seq_len:
+        raise ValueError(f"sequence length {s} does not match grid {layout.grid} ({layout.seq_len} tokens)")
+    buf = x.new_zeros(b, layout.tiled_len, h, d).index_copy(1, layout.slot_index, x)
+    return buf.transpose(1, 2).contiguous()
+
+
+def untile(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """`[B, H, 64*N, D]` tiled -> `[B, S, H, D]` raster order (pad slots dropped)."""
+    return x.index_select(2, layout.slot_index).transpose(1, 2)
+
+
+def topk_for_sparsity(sparsity: float, num_blocks: int) -> int:
+    """Key blocks kept per query block: `clamp(ceil((1 - s) * N), 1, N)`, in double precision like FastVideo."""
+    return max(1, min(num_blocks, math.ceil((1.0 - float(sparsity)) * num_blocks)))
