@@ -1,8 +1,9 @@
 """Spawn real multi-process gloo groups from a test.
 
-`run_distributed(world_size, fn, *args, sp=None)` forks `world_size` processes, each sets the torchrun
+`run_distributed(world_size, fn, *args, sp=None, ring=None)` forks `world_size` processes, each sets the torchrun
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), calls
-`init_sequence_parallel(sp, cpu=True)` (accelerate's `PartialState(cpu=True)` -> gloo) and returns
+`init_sequence_parallel(sp, cpu=True)` (accelerate's `PartialState(cpu=True)` -> gloo; with `ring`:
+`init_sequence_parallel(sp, ring=ring, cpu=True)`, hybrid Ulysses x ring) and returns
 `fn(rank, world_size, *args)`. Results come back in rank order; an exception on any rank fails the call with
 that rank's traceback; a hang fails after `timeout` seconds instead of blocking CI.
 """
@@ -27,7 +28,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, sp: int | None, fn: Callable, args: tuple, queue) -> None:
+def _worker(
+    rank: int, world: int, port: int, sp: int | None, ring: int | None, fn: Callable, args: tuple, queue
+) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
@@ -36,7 +39,10 @@ def _worker(rank: int, world: int, port: int, sp: int | None, fn: Callable, args
         torch.set_num_threads(1)
         from diffusers_dist_attn import destroy_sequence_parallel, init_sequence_parallel
 
-        init_sequence_parallel(sp, cpu=True)
+        if ring is None:
+            init_sequence_parallel(sp, cpu=True)
+        else:
+            init_sequence_parallel(sp, ring=ring, cpu=True)
         try:
             result = fn(rank, world, *args)
         finally:
@@ -48,12 +54,14 @@ def _worker(rank: int, world: int, port: int, sp: int | None, fn: Callable, args
         queue.put((rank, False, traceback.format_exc()))
 
 
-def run_distributed(world_size: int, fn: Callable, *args: Any, sp: int | None = None, timeout: float = 180.0) -> list:
+def run_distributed(
+    world_size: int, fn: Callable, *args: Any, sp: int | None = None, ring: int | None = None, timeout: float = 180.0
+) -> list:
     """Run `fn(rank, world_size, *args)` on `world_size` gloo ranks; returns the per-rank results."""
     ctx = mp.get_context("fork")
     queue = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, sp, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, sp, ring, fn, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -37,9 +37,9 @@ def test_sp_degree_must_divide_world_multi_process():
 def _bad_inputs_on_ranks(rank, world):
     """Each call must raise on every rank; if a rank entered a collective, the harness would time out."""
     messages = {}
-    q, k, v = _qkv(1, 4, 3, 8)  # 3 heads over 2 ranks
+    q, k, v = _qkv(1, 4, 1, 8)  # 1 head over 2 ranks: impossible without a ring
     cases = {
-        "heads": lambda: DistributedAttention(3, 8)(q, k, v),
+        "heads": lambda: DistributedAttention(1, 8)(q, k, v),
         "seq_len": lambda: DistributedAttention(4, 8)(*_qkv(1, 4, 4, 8), original_seq_len=3),
         "grid": lambda: DistributedAttention_VSA(4, 8)(*_qkv(1, 4, 4, 8), original_seq_len=8, grid_size=(2, 2, 3)),
         "sparsity": lambda: DistributedAttention_VSA(4, 8)(*_qkv(1, 4, 4, 8), grid_size=(2, 2, 2), sparsity=1.0),
@@ -54,8 +54,8 @@ def _bad_inputs_on_ranks(rank, world):
 
 def test_errors_raise_on_every_rank_before_collectives():
     for messages in run_distributed(2, _bad_inputs_on_ranks):
-        assert "3 attention heads cannot be split over a sequence-parallel degree of 2" in messages["heads"]
-        assert "[1, 3]" in messages["heads"]
+        assert "1 attention heads cannot be split over a sequence-parallel degree of 2" in messages["heads"]
+        assert "ring" in messages["heads"]
         assert "original_seq_len=3" in messages["seq_len"]
         assert "grid_size (2, 2, 3) has 12 tokens but the (unpadded) sequence has 8" in messages["grid"]
         assert "sparsity must be in [0, 1)" in messages["sparsity"]

@@ -9,6 +9,11 @@ from (explicit request > env `DIFFUSERS_DIST_ATTN_BACKEND` > automatic) and what
   SDPA backend when one cannot take the inputs.
 
 A requested backend that is missing falls back with one warning; the choice and the reason are logged once.
+
+Ring attention needs the log-sum-exp (LSE) of every partial softmax: `dense_attention_with_lse` and its two
+halves `attention_forward_with_lse` / `attention_backward_with_lse` run PyTorch's flash kernel
+(`aten._scaled_dot_product_flash_attention[_backward]`) on CUDA for fp16/bf16 without a mask, and an exact
+fp32 math path everywhere else (CPU, masks, fp32). Every dense backend except `FLASH_ATTN_3` can serve them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,17 @@ logger = logging.getLogger(__name__)
 
 BACKEND_ENV = "DIFFUSERS_DIST_ATTN_BACKEND"
 
-__all__ = ["AttentionBackendEnum", "BACKEND_ENV", "resolve_backend", "dense_attention"]
+__all__ = [
+    "AttentionBackendEnum",
+    "BACKEND_ENV",
+    "LSE_BACKENDS",
+    "resolve_backend",
+    "resolve_lse_backend",
+    "dense_attention",
+    "dense_attention_with_lse",
+    "attention_forward_with_lse",
+    "attention_backward_with_lse",
+]
 
 
 class AttentionBackendEnum(enum.Enum):
@@ -222,3 +237,156 @@ def dense_attention(
             qt, kt, vt, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=gqa
         )
     return out.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention that returns the log-sum-exp (for ring attention)
+# ---------------------------------------------------------------------------------------------------------------
+LSE_BACKENDS = tuple(b for b in DENSE_BACKENDS if b is not AttentionBackendEnum.FLASH_ATTN_3)
+"""Backends that ring attention can use (FLASH_ATTN and the SDPA family run PyTorch's flash kernel on CUDA)."""
+
+
+def resolve_lse_backend(
+    q: torch.Tensor,
+    *,
+    requested: AttentionBackendEnum | str | None = None,
+    supported: tuple[AttentionBackendEnum, ...] | None = None,
+) -> AttentionBackendEnum:
+    """The backend for attention that must return the LSE; `ValueError` naming the fix when none can.
+
+    Explicit request > env `DIFFUSERS_DIST_ATTN_BACKEND` > `TORCH_SDPA` (flash kernel on CUDA, math on CPU).
+    An explicit request without an LSE raises; such an env value (a process-wide preference) warns once and is
+    ignored here.
+    """
+    request = None if requested is None else AttentionBackendEnum.parse(requested)
+    if request is None:
+        request = _parse_env(os.environ.get(BACKEND_ENV, ""))
+        if request is AttentionBackendEnum.VIDEO_SPARSE_ATTN:
+            request = None  # dense parts of sparse setups: automatic
+        elif request is not None and request not in LSE_BACKENDS:
+            _note(f"{BACKEND_ENV}={request.value} returns no log-sum-exp; ring attention uses torch_sdpa", True)
+            request = None
+    fix = ("use one of " + ", ".join(b.value for b in LSE_BACKENDS) +
+           ", or ring=1 (pure Ulysses; plan_degrees(...) picks a valid split)")
+    if request is AttentionBackendEnum.VIDEO_SPARSE_ATTN:
+        raise ValueError("video sparse attention returns no log-sum-exp and cannot run over a ring; "
+                         "use ring=1 with an uneven Ulysses head split (plan_degrees(..., full_heads=True))")
+    if request is not None and request not in LSE_BACKENDS:
+        raise ValueError(f"attention backend {request.value} returns no log-sum-exp, which ring attention needs; {fix}")
+    allowed = None if supported is None else tuple(AttentionBackendEnum.parse(b) for b in supported)
+    if allowed is not None:
+        usable = [b for b in allowed if b in LSE_BACKENDS]
+        if not usable:
+            raise ValueError(f"none of the supported backends {[b.value for b in allowed]} returns a log-sum-exp, "
+                             f"which ring attention needs; {fix}")
+        if request is None or request not in usable:
+            request = usable[0]
+    return request or AttentionBackendEnum.TORCH_SDPA
+
+
+def _flash_lse_fits(q: torch.Tensor, key_mask: torch.Tensor | None, backend: AttentionBackendEnum | None) -> bool:
+    return (q.is_cuda and key_mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and q.shape[-1] % 8 == 0 and backend is not AttentionBackendEnum.SDPA_MATH
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """LSE with -inf (rows without any key) replaced by 0, so `exp(s - lse)` is 0 there, not NaN."""
+    return lse.masked_fill(torch.isinf(lse), 0.0)
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the accumulation dtype: fp32, or fp64 for fp64 inputs."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _math_scores(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: torch.Tensor | None) -> torch.Tensor:
+    s = torch.einsum("bqhd,bkhd->bhqk", _acc(q), _acc(k)) * scale
+    return s if key_mask is None else s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+
+
+def attention_forward_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
+    backend: AttentionBackendEnum | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    """No-autograd softmax attention that also returns the LSE.
+
+    q `[B, S_q, H, D]`, k, v `[B, S_k, H, D]`, key_mask bool `[B, S_k]` (True = attend) ->
+    `(out [B, S_q, H, D] fp32, lse [B, H, S_q] fp32, aux)` (fp64 for fp64 inputs); `aux` goes to `attention_backward_with_lse`.
+    Rows without a valid key get `out = 0`, `lse = -inf`.
+    """
+    if _flash_lse_fits(q, key_mask, backend) and k.shape[1] > 0:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, False, scale=scale
+        )
+        return res[0].transpose(1, 2).float(), res[1].float(), tuple(res[2:8])
+    s = _math_scores(q, k, scale, key_mask)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - _finite(lse)[..., None])
+    return torch.einsum("bhqk,bkhd->bqhd", p, _acc(v)), lse, None
+
+
+def attention_backward_with_lse(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    scale: float, key_mask: torch.Tensor | None = None, backend: AttentionBackendEnum | None = None,
+    aux: tuple | None = None, dlse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one key block given the *final* `out [B, S_q, H, D]` and `lse [B, H, S_q]` of the rows.
+
+    With the final (merged) out and LSE, `P = exp(S - lse)` is the block's slice of the full softmax, so the
+    block's `(dq, dk, dv)` (fp32) sum to the exact gradients (the ring-attention backward). `dlse` is an upstream
+    gradient of the LSE (math path only).
+    """
+    if aux is not None and dlse is None:
+        cum_q, cum_k, max_q, max_k, seed, offset = aux
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout.to(q.dtype).transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            out.to(q.dtype).transpose(1, 2), lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset, scale=scale,
+        )
+        return dq.transpose(1, 2).float(), dk.transpose(1, 2).float(), dv.transpose(1, 2).float()
+    qf, kf, vf, do = _acc(q), _acc(k), _acc(v), _acc(dout)
+    p = torch.exp(_math_scores(q, k, scale, key_mask) - _finite(lse)[..., None])
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
+    delta = (do * _acc(out)).sum(-1).transpose(1, 2)  # [B, H, S_q]
+    if dlse is not None:
+        delta = delta - dlse.to(delta.dtype)
+    ds = p * (torch.einsum("bqhd,bkhd->bhqk", do, vf) - delta[..., None])
+    return torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale, torch.einsum("bhqk,bqhd->bkhd", ds, qf) * scale, dv
+
+
+class _AttentionWithLse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, key_mask, backend):
+        ctx.set_materialize_grads(False)  # an unused LSE keeps the fast (flash) backward
+        out, lse, aux = attention_forward_with_lse(q, k, v, scale, key_mask, backend)
+        ctx.save_for_backward(q, k, v, out, lse, key_mask)
+        ctx.scale, ctx.backend, ctx.aux = scale, backend, aux
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, key_mask = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = attention_backward_with_lse(dout, q, k, v, out, lse, ctx.scale, key_mask, ctx.backend,
+                                                 ctx.aux, dlse)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def dense_attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    *,
+    backend: AttentionBackendEnum | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention returning `(out [B, S_q, H, D] in q's dtype, lse [B, H, S_q] fp32)`.
+
+    q `[B, S_q, H, D]`, k, v `[B, S_k, H, D]` (equal head counts), key_mask bool `[B, S_k]` (True = attend).
+    Differentiable in q, k, v (through `out` and `lse`). Raises `ValueError` for a backend without an LSE.
+    """
+    chosen = resolve_lse_backend(q, requested=backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _AttentionWithLse.apply(q, k, v, scale, key_mask, chosen)

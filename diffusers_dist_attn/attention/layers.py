@@ -16,16 +16,19 @@ from torch import nn
 
 from ..distributed.collectives import (
     all_gather_heads,
+    broadcast_from_first,
     group_rank,
     group_size,
+    head_offset,
     heads_to_sequence,
     sequence_to_heads,
 )
-from ..distributed.groups import get_sequence_parallel_groups
+from ..distributed.groups import get_sequence_parallel_groups, sp_layout
+from ..distributed.ring import ring_attention
 from ..vsa.dispatch import vsa_tiled
 from ..vsa.tiling import tile, tile_layout, topk_for_sparsity, untile
-from .backends import AttentionBackendEnum, dense_attention
-from .rotary import RotaryTables, apply_rotary
+from .backends import AttentionBackendEnum, dense_attention, resolve_lse_backend
+from .rotary import RotaryTables, apply_rotary, normalize_rotary_tables
 from .validation import check_grid, check_head_split, check_qkv, check_replicated, check_sparsity
 
 __all__ = ["LocalAttention", "DistributedAttention", "DistributedAttention_VSA"]
@@ -127,8 +130,18 @@ class DistributedAttention(_AttentionBase):
     `[video ; replicated]` (padded replicated keys masked by `replicated_mask`); the replicated output is
     all-gathered over heads; the video output is re-padded and sent back with the reverse all-to-all.
 
+    Heads that do not divide the Ulysses degree are split unevenly (12 over 8 ranks: 2,2,2,2,1,1,1,1).
+
+    Hybrid (USP): when the SP group was created with `init_sequence_parallel(ring=R)`, the all-to-all runs over
+    the Ulysses sub-group (each rank then holds a contiguous block of `U * S_loc` tokens for its heads) and
+    exact ring attention runs over the ring sub-group (K/V blocks passed peer to peer). Replicated tokens are
+    keys once per ring rank (in its local step, for its own queries) and queries only on ring rank 0, whose
+    replicated output is then broadcast over the ring, so it is bitwise identical on every rank.
+
     Returns `(out [B, S_loc, H, D], replicated_out [B, L, H, D] or None)`.
     """
+
+    _can_ring = True  # dense attention can run over a ring; video sparse attention needs whole heads
 
     def __init__(
         self,
@@ -148,6 +161,12 @@ class DistributedAttention(_AttentionBase):
     def _group(self) -> dist.ProcessGroup | None:
         return self.process_group if self.process_group is not None else get_sequence_parallel_groups().sp_group
 
+    def _layout(self) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+        """`(ulysses_group, ring_group)`: the SP group's hybrid split, or `(sp_group, None)` for pure Ulysses."""
+        group = self._group()
+        hybrid = sp_layout(group) if self._can_ring else None
+        return (group, None) if hybrid is None else (hybrid.ulysses_group, hybrid.ring_group)
+
     def forward(
         self,
         q: torch.Tensor,
@@ -166,16 +185,23 @@ class DistributedAttention(_AttentionBase):
 
     # -- the shared flow: validate -> all-to-all -> trim -> RoPE -> attend -> re-pad -> all-to-all back --
     def _run(self, q, k, v, replicated, gate, original_seq_len, freqs_cis, replicated_mask, attend_kwargs):
-        group = self._group()
-        world = group_size(group)
+        group, ring = self._layout()
+        ring_world = group_size(ring)
+        world = group_size(group) * ring_world
         check_qkv(q, k, v)
         if gate is not None and (gate.shape != q.shape or gate.dtype != q.dtype or gate.device != q.device):
             raise ValueError(f"gate_compress must match q in shape, dtype and device {tuple(q.shape)}, {q.dtype}; "
                              f"got {tuple(gate.shape)}, {gate.dtype}")
-        check_head_split(q.shape[2], world)
+        num_heads = q.shape[2]
+        check_head_split(num_heads, world, ulysses=group_size(group), video_sparse=not self._can_ring)
         has_rep = check_replicated(q, replicated, replicated_mask)
         if has_rep and self.causal:
             raise ValueError("causal=True cannot be combined with replicated tokens")
+        lse_backend = None
+        if ring_world > 1:
+            if self.causal:
+                raise ValueError("causal=True is not supported with ring attention; use ring=1 (pure Ulysses)")
+            lse_backend = resolve_lse_backend(q, requested=self.backend, supported=self.supported_attention_backends)
         padded_len = q.shape[1] * world
         seq_len = padded_len if not original_seq_len else int(original_seq_len)
         if not padded_len - world < seq_len <= padded_len:
@@ -184,25 +210,63 @@ class DistributedAttention(_AttentionBase):
         attend_kwargs = self._check_attend_kwargs(seq_len, **attend_kwargs)
 
         tensors = [q, k, v] if gate is None else [q, k, v, gate]
-        q, k, v, *rest = self._to_heads(tensors, group, seq_len)
+        # this rank's contiguous token block [start, start + valid) of the unpadded sequence (all of it without ring)
+        block = padded_len // ring_world
+        start = group_rank(ring) * block
+        valid = min(max(seq_len - start, 0), block)
+        q, k, v, *rest = self._to_heads(tensors, group, valid)
         if freqs_cis is not None:
+            if ring_world > 1:
+                cos, sin = normalize_rotary_tables(freqs_cis, q.shape[-1])
+                freqs_cis = (cos[:, start:start + valid], sin[:, start:start + valid])
             q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
-        rank, heads_loc = group_rank(group), q.shape[2]
-        rq, rk, rv = (t[:, :, rank * heads_loc:(rank + 1) * heads_loc] if has_rep else None for t in replicated)
-        out, rep_out = self._attend(q, k, v, rest[0] if rest else None, rq, rk, rv, replicated_mask, **attend_kwargs)
+        heads_loc = q.shape[2]
+        first = head_offset(num_heads, group_size(group), group_rank(group))
+        rq, rk, rv = (t[:, :, first:first + heads_loc] if has_rep else None for t in replicated)
+        if ring_world > 1:
+            out, rep_out = self._attend_ring(q, k, v, rq, rk, rv, replicated_mask, ring, block, seq_len, lse_backend)
+        else:
+            out, rep_out = self._attend(q, k, v, rest[0] if rest else None, rq, rk, rv, replicated_mask,
+                                        **attend_kwargs)
         if rep_out is not None:
-            rep_out = all_gather_heads(rep_out, group)
-        if padded_len != seq_len:
-            out = F.pad(out, (0, 0, 0, 0, 0, padded_len - seq_len))
-        return heads_to_sequence(out, group), rep_out
+            rep_out = all_gather_heads(rep_out, group, num_heads)
+        if block != valid:
+            out = F.pad(out, (0, 0, 0, 0, 0, block - valid))
+        return heads_to_sequence(out, group, num_heads), rep_out
 
     @staticmethod
     def _to_heads(tensors: list[torch.Tensor], group, seq_len: int) -> list[torch.Tensor]:
-        """Sequence-sharded `[B, S_loc, H, D]` tensors -> head-sharded `[B, seq_len, H/P, D]` (one all-to-all)."""
+        """Sequence-sharded `[B, S_loc, H, D]` tensors -> head-sharded `[B, seq_len, H_r, D]` (one all-to-all).
+
+        `seq_len` keeps the first rows (drops the padding); `H_r` is this rank's share of the heads.
+        """
         if group_size(group) == 1:
             return [t[:, :seq_len] for t in tensors]
         stacked = sequence_to_heads(torch.cat(tensors, 0), group)[:, :seq_len]
         return list(stacked.chunk(len(tensors), 0))
+
+    def _attend_ring(self, q, k, v, rq, rk, rv, replicated_mask, ring, block, seq_len, backend):
+        """Ring attention of this rank's video block (and, on ring rank 0, the replicated queries) over all
+        video blocks and the replicated keys.
+
+        q, k, v `[B, valid, H_r, D]` (this rank's unpadded block rows); rq, rk, rv `[B, L, H_r, D]` or None.
+        Returns `(out [B, valid, H_r, D], replicated_out [B, L, H_r, D] or None)`.
+        """
+        lens = [min(max(seq_len - r * block, 0), block) for r in range(group_size(ring))]
+        first = group_rank(ring) == 0
+        queries = torch.cat([q, rq], 1) if rq is not None and first else q
+        out = ring_attention(queries, k, v, ring, scale=self.softmax_scale, block_lens=lens, extra_k=rk,
+                             extra_v=rv, extra_mask=replicated_mask, backend=backend)
+        valid = q.shape[1]
+        if rq is None:
+            return out, None
+        if first:
+            rep_out = out[:, valid:]
+        else:  # a stand-in that takes part in autograd exactly when rank 0's output does (so every rank runs
+            # the broadcast's backward collective)
+            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rq, rk, rv))
+            rep_out = torch.zeros_like(rq).requires_grad_(needs_grad)
+        return out[:, :valid], broadcast_from_first(rep_out, ring)
 
     def _check_attend_kwargs(self, seq_len: int) -> dict:
         return {}
@@ -222,6 +286,9 @@ class DistributedAttention(_AttentionBase):
 class DistributedAttention_VSA(DistributedAttention):  # noqa: N801 - FastVideo's public name
     """Ulysses sequence parallelism + Video Sparse Attention.
 
+    Always pure Ulysses over the whole SP group (also under a hybrid `ulysses x ring` layout): VSA needs whole
+    heads over the full sequence; heads that do not divide the degree are split unevenly.
+
     After the all-to-all every rank holds the full `(T, H, W)` grid for its heads, tiles it into 4x4x4 cubes
     (64-token blocks), and computes `out = rep64(coarse) * gate + block_sparse(top-k blocks)`; top-k is per
     head, so the result does not depend on the SP degree. `grid_size` and `sparsity` are per-call inputs.
@@ -230,6 +297,8 @@ class DistributedAttention_VSA(DistributedAttention):  # noqa: N801 - FastVideo'
     valid text keys in one softmax (the coarse stage stays video-only); text queries attend densely to every
     video token and valid text key. Both are exact softmax attention over the selected keys.
     """
+
+    _can_ring = False
 
     def __init__(
         self,

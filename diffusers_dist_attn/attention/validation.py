@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed.groups import valid_degrees
+from ..distributed.groups import get_sequence_parallel_groups, valid_degrees
 
 __all__ = ["check_qkv", "check_head_split", "check_replicated", "check_sparsity", "check_grid"]
 
@@ -44,13 +44,30 @@ def check_qkv(
             raise ValueError(f"q heads {q.shape[2]} must be a multiple of k/v heads {k.shape[2]} (GQA)")
 
 
-def check_head_split(num_heads: int, world: int) -> None:
-    """Ulysses needs the head count to be divisible by the sequence-parallel degree."""
-    if num_heads % world:
-        raise ValueError(
-            f"{num_heads} attention heads cannot be split over a sequence-parallel degree of {world}; "
-            f"degrees that divide the heads: {valid_degrees(num_heads)}"
-        )
+def check_head_split(num_heads: int, world: int, *, ulysses: int | None = None, video_sparse: bool = False) -> None:
+    """Ulysses needs at least one head per rank of its group; the heads need not divide the degree.
+
+    `world` is the sequence-parallel degree, `ulysses` the Ulysses degree inside it (default: the current
+    groups' when their SP degree is `world`, else `world`, i.e. no ring; `video_sparse`: always `world`).
+    Uneven head counts are split with `head_split` (12 heads over 8 ranks: 2,2,2,2,1,1,1,1).
+    """
+    if video_sparse:  # whole heads over the whole sequence: Ulysses over the full SP group, never a ring
+        ulysses = world
+    elif ulysses is None:
+        current = get_sequence_parallel_groups()
+        ulysses = current.ulysses_size if current.sp_size == world else world
+    if num_heads >= ulysses:
+        return
+    if video_sparse:
+        fix = ("video sparse attention needs whole heads over the full sequence (no ring); use a "
+               f"sequence-parallel degree <= {num_heads}")
+    else:
+        fix = (f"run the rest as ring attention, e.g. init_sequence_parallel({world}, ulysses=u, ring={world}//u) "
+               f"with u in {valid_degrees(world, num_heads)} (plan_degrees(...) chooses)")
+    raise ValueError(
+        f"{num_heads} attention heads cannot be split over a sequence-parallel degree of {world} "
+        f"(Ulysses degree {ulysses} needs at least one head per rank); {fix}"
+    )
 
 
 def check_replicated(

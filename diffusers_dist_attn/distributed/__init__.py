@@ -5,6 +5,8 @@ from .collectives import (
     gather_sequence,
     group_rank,
     group_size,
+    head_offset,
+    head_split,
     heads_to_sequence,
     padded_length,
     sequence_to_heads,
@@ -16,8 +18,11 @@ from .groups import (
     get_sequence_parallel_groups,
     init_sequence_parallel,
     set_sequence_parallel_groups,
+    sp_layout,
     valid_degrees,
 )
+from .planner import DegreePlan, plan_degrees
+from .ring import ring_attention
 
 __all__ = [
     "SequenceParallelGroups",
@@ -26,6 +31,12 @@ __all__ = [
     "set_sequence_parallel_groups",
     "destroy_sequence_parallel",
     "valid_degrees",
+    "sp_layout",
+    "head_split",
+    "head_offset",
+    "ring_attention",
+    "plan_degrees",
+    "DegreePlan",
     "group_size",
     "group_rank",
     "padded_length",

@@ -6,11 +6,15 @@ without graph breaks, and their backward is the adjoint of the forward:
 
 | op | forward | backward |
 |---|---|---|
-| `sequence_to_heads` | `[B, S/P, H, D] -> [B, S, H/P, D]` (all-to-all) | `heads_to_sequence` |
-| `heads_to_sequence` | `[B, S, H/P, D] -> [B, S/P, H, D]` (all-to-all) | `sequence_to_heads` |
-| `all_gather_heads` | `[B, L, H/P, D] -> [B, L, H, D]` | reduce-scatter (sum) |
+| `sequence_to_heads` | `[B, S/P, H, D] -> [B, S, H_r, D]` (all-to-all) | `heads_to_sequence` |
+| `heads_to_sequence` | `[B, S, H_r, D] -> [B, S/P, H, D]` (all-to-all) | `sequence_to_heads` |
+| `all_gather_heads` | `[B, L, H_r, D] -> [B, L, H, D]` | reduce-scatter (sum) |
+| `broadcast_from_first` | group rank 0's tensor on every rank | sum of the grads to rank 0 |
 | `gather_sequence` | all-gather along `dim`, trim to the original length | reduce-scatter (sum) |
 | `shard_sequence` | zero-pad to a multiple of P, keep chunk r | all-gather, divide by P |
+
+`H_r = H/P` when P divides H; otherwise the heads are split unevenly (`head_split`: 12 over 8 ranks is
+2,2,2,2,1,1,1,1) and the all-to-alls carry split sizes, which gloo and NCCL both support.
 
 Gradient convention (FastVideo's): every SP rank computes the same loss from gathered outputs, so each rank
 ends with P x its partial parameter gradients; averaging gradients over the SP group (what DDP over the whole
@@ -37,6 +41,9 @@ __all__ = [
     "shard_sequence",
     "gather_sequence",
     "padded_length",
+    "head_split",
+    "head_offset",
+    "broadcast_from_first",
 ]
 
 
@@ -53,40 +60,114 @@ def padded_length(length: int, world: int) -> int:
     return -(-length // world) * world
 
 
-def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """All-to-all `[B, S_loc, H, D] -> [B, P*S_loc, H/P, D]`: scatter heads, gather the sequence.
+def head_split(num_heads: int, world: int) -> list[int]:
+    """Heads per rank for Ulysses: `num_heads // world`, the first `num_heads % world` ranks one more.
 
-    Rank r receives heads `[r*H/P, (r+1)*H/P)` of every rank's sequence shard, concatenated in rank order.
+    12 heads over 8 ranks -> `[2, 2, 2, 2, 1, 1, 1, 1]`. Every rank needs at least one head.
+    """
+    if num_heads < world:
+        raise ValueError(f"{num_heads} attention heads cannot be split over a Ulysses degree of {world}: "
+                         "every rank needs at least one head")
+    base, extra = divmod(num_heads, world)
+    return [base + (1 if r < extra else 0) for r in range(world)]
+
+
+def head_offset(num_heads: int, world: int, rank: int) -> int:
+    """First global head of `rank` under `head_split`."""
+    return sum(head_split(num_heads, world)[:rank])
+
+
+def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-to-all `[B, S_loc, H, D] -> [B, P*S_loc, H_r, D]`: scatter heads, gather the sequence.
+
+    Rank r receives heads `head_split(H, P)[r]` (contiguous, in global order; `H/P` when P divides H) of every
+    rank's sequence shard, concatenated in rank order. Uneven head counts use split sizes (backward too).
     Callers stack q, k, v (and the VSA gate) along the batch dim so one collective moves all of them.
     """
     world = group_size(group)
     if world == 1:
         return x
     b, s_loc, h, d = x.shape
-    send = x.reshape(b, s_loc, world, h // world, d).permute(2, 1, 0, 3, 4).contiguous()  # [P, S_loc, B, H/P, D]
-    recv = funcol.all_to_all_single_autograd(send.flatten(0, 1), None, None, group)  # chunk j from rank j
-    recv = recv.reshape(world, s_loc, b, h // world, d)
-    return recv.permute(2, 0, 1, 3, 4).reshape(b, world * s_loc, h // world, d)
+    splits = head_split(h, world)
+    h_me = splits[group_rank(group)]
+    send = x.permute(2, 1, 0, 3).contiguous().flatten()  # [H, S_loc, B, D]: heads of rank j are contiguous
+    unit = s_loc * b * d
+    even = h % world == 0
+    recv = funcol.all_to_all_single_autograd(
+        send, None if even else [h_me * unit] * world, None if even else [n * unit for n in splits], group
+    )
+    recv = recv.reshape(world, h_me, s_loc, b, d)  # chunk j from rank j
+    return recv.permute(3, 0, 2, 1, 4).reshape(b, world * s_loc, h_me, d)
 
 
-def heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """All-to-all `[B, S, H/P, D] -> [B, S/P, H, D]`: scatter the sequence, gather heads (global head order)."""
+def heads_to_sequence(
+    x: torch.Tensor, group: dist.ProcessGroup | None, num_heads: int | None = None
+) -> torch.Tensor:
+    """All-to-all `[B, S, H_r, D] -> [B, S/P, H, D]`: scatter the sequence, gather heads (global head order).
+
+    `num_heads`: the total H when the heads are split unevenly (`head_split`); default `P * H_r`.
+    """
     world = group_size(group)
     if world == 1:
         return x
-    b, s, h_loc, d = x.shape
+    b, s, h_me, d = x.shape
     s_loc = s // world
-    send = x.reshape(b, world, s_loc, h_loc, d).permute(1, 2, 0, 3, 4).contiguous()  # [P, S_loc, B, H/P, D]
-    recv = funcol.all_to_all_single_autograd(send.flatten(0, 1), None, None, group)  # chunk j: heads of rank j
-    recv = recv.reshape(world, s_loc, b, h_loc, d)
-    return recv.permute(2, 1, 0, 3, 4).reshape(b, s_loc, world * h_loc, d)
+    splits = head_split(world * h_me if num_heads is None else num_heads, world)
+    if splits[group_rank(group)] != h_me:
+        raise ValueError(f"rank {group_rank(group)} holds {h_me} heads but the split of {num_heads} is {splits}")
+    send = x.reshape(b, world, s_loc, h_me, d).permute(1, 3, 2, 0, 4).contiguous().flatten()  # [P, H_r, S_loc, B, D]
+    unit = s_loc * b * d
+    even = len(set(splits)) == 1
+    recv = funcol.all_to_all_single_autograd(
+        send, None if even else [n * unit for n in splits], None if even else [h_me * unit] * world, group
+    )
+    recv = recv.reshape(sum(splits), s_loc, b, d)  # heads in global order
+    return recv.permute(2, 1, 0, 3)
 
 
-def all_gather_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """`[B, L, H/P, D] -> [B, L, H, D]`, identical on every rank; backward reduce-scatters (sum)."""
+def all_gather_heads(x: torch.Tensor, group: dist.ProcessGroup | None, num_heads: int | None = None) -> torch.Tensor:
+    """`[B, L, H_r, D] -> [B, L, H, D]`, identical on every rank; backward reduce-scatters (sum).
+
+    `num_heads`: the total H when the heads are split unevenly; then the gather is one all-to-all with split
+    sizes (gloo cannot all-gather unequal sizes).
+    """
+    world = group_size(group)
+    if world == 1:
+        return x
+    if num_heads is None or num_heads == world * x.shape[2]:
+        return _all_gather_autograd(x.contiguous(), gather_dim=2, group=group)
+    b, length, h_me, d = x.shape
+    splits = head_split(num_heads, world)
+    unit = length * b * d
+    send = x.permute(2, 1, 0, 3).reshape(1, -1).expand(world, -1).flatten()  # my heads, once per peer
+    recv = funcol.all_to_all_single_autograd(send, [n * unit for n in splits], [h_me * unit] * world, group)
+    return recv.reshape(num_heads, length, b, d).permute(2, 1, 0, 3)
+
+
+class _BroadcastFromFirst(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        out = x.detach().clone().contiguous()
+        dist.broadcast(out, group=group, group_src=0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return (grad if group_rank(ctx.group) == 0 else torch.zeros_like(grad)), None
+
+
+def broadcast_from_first(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Group rank 0's `x` on every rank (other ranks pass any tensor of the same shape and dtype).
+
+    Backward: rank 0 receives the sum of every rank's gradient, the others zero (the adjoint). Makes a value
+    computed once (on rank 0) bitwise identical on all ranks.
+    """
     if group_size(group) == 1:
         return x
-    return _all_gather_autograd(x.contiguous(), gather_dim=2, group=group)
+    return _BroadcastFromFirst.apply(x, group)
 
 
 class _ShardSequence(torch.autograd.Function):

@@ -4,6 +4,12 @@ Layout (as in FastVideo): the world is a `DeviceMesh` of shape `(dp, sp)` with d
 Row-major order makes each sequence-parallel group a block of consecutive ranks and each data-parallel
 group strided: world 8, sp 4 -> SP {0..3}, {4..7}; DP {0,4}, {1,5}, {2,6}, {3,7}.
 
+Hybrid (USP, `sp = ulysses x ring`, `ring > 1`): the mesh is `(dp, ring, ulysses)` with dims
+`("dp", "ring", "ulysses")` and the SP group is its flattened `("ring", "ulysses")` block ("sp"), so Ulysses
+groups are consecutive ranks (inside a node, where the all-to-all rides NVLink) and ring groups are strided
+(across nodes). SP rank = `ring_rank * ulysses + ulysses_rank`; world 8, ulysses 2, ring 4 -> Ulysses {0,1},
+{2,3}, ...; ring {0,2,4,6}, {1,3,5,7}. With `ring == 1` everything is exactly the plain layout above.
+
 Rank and world size are always read from `torch.distributed` (a plain `PartialState()` under torchrun on
 CPU reports a single process). Without a launcher everything works with world size 1 and no process group.
 """
@@ -27,6 +33,7 @@ __all__ = [
     "set_sequence_parallel_groups",
     "destroy_sequence_parallel",
     "valid_degrees",
+    "sp_layout",
 ]
 
 
@@ -39,7 +46,9 @@ def valid_degrees(n: int, limit: int | None = None) -> list[int]:
 class SequenceParallelGroups:
     """The process groups one rank takes part in.
 
-    `sp_group` is `None` when the sequence-parallel degree is 1 (no communication at all).
+    `sp_group` is `None` when the sequence-parallel degree is 1 (no communication at all). For hybrid
+    sequence parallelism `sp_size == ulysses_size * ring_size`; the Ulysses/ring fields default to pure
+    Ulysses (`ulysses_* = sp_*`, `ring_size = 1`).
     """
 
     world_size: int = 1
@@ -52,6 +61,22 @@ class SequenceParallelGroups:
     sp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
     device: torch.device = torch.device("cpu")
+    ulysses_size: int = 0  # 0: same as sp_size (pure Ulysses)
+    ulysses_rank: int = 0
+    ring_size: int = 1
+    ring_rank: int = 0
+    ulysses_group: dist.ProcessGroup | None = None
+    ring_group: dist.ProcessGroup | None = None
+
+    def __post_init__(self) -> None:
+        if self.ulysses_size == 0:  # pure Ulysses over the whole SP group
+            object.__setattr__(self, "ulysses_size", self.sp_size // self.ring_size)
+            if self.ring_size == 1:
+                object.__setattr__(self, "ulysses_rank", self.sp_rank)
+                object.__setattr__(self, "ulysses_group", self.sp_group)
+        if self.ulysses_size * self.ring_size != self.sp_size:
+            raise ValueError(f"ulysses_size {self.ulysses_size} x ring_size {self.ring_size} must equal sp_size "
+                             f"{self.sp_size}")
 
     @property
     def is_distributed(self) -> bool:
@@ -59,6 +84,7 @@ class SequenceParallelGroups:
 
 
 _CURRENT: SequenceParallelGroups | None = None
+_HYBRID: dict[int, SequenceParallelGroups] = {}  # id(sp_group) -> groups with ring_size > 1 (kept alive here)
 
 
 def _launched_world_size() -> int:
@@ -80,20 +106,46 @@ def _ensure_process_group(cpu: bool | None) -> None:
         dist.init_process_group(backend="gloo" if use_cpu else "nccl")
 
 
-def init_sequence_parallel(sp: int | None = None, *, cpu: bool | None = None) -> SequenceParallelGroups:
+def _resolve_degrees(sp: int | None, ring: int | None, ulysses: int | None, world: int) -> tuple[int, int, int]:
+    """`(sp, ulysses, ring)` from what was given; raises `ValueError` naming the fix."""
+    if sp is None and ring is not None and ulysses is not None:
+        sp = int(ring) * int(ulysses)
+    sp = world if sp is None else int(sp)
+    if ring is None and ulysses is None:
+        return sp, sp, 1
+    ring_v = None if ring is None else int(ring)
+    ulysses_v = None if ulysses is None else int(ulysses)
+    for name, value in (("ring", ring_v), ("ulysses", ulysses_v)):
+        if value is not None and (value < 1 or sp < 1 or (sp % value and (ring_v is None or ulysses_v is None))):
+            raise ValueError(f"{name}={value} must be a positive divisor of the sequence-parallel degree sp={sp}; "
+                             f"valid values: {valid_degrees(max(sp, 1))} (or let plan_degrees(...) choose)")
+    ring_v = sp // ulysses_v if ring_v is None else ring_v
+    ulysses_v = sp // ring_v if ulysses_v is None else ulysses_v
+    if ring_v * ulysses_v != sp:
+        raise ValueError(f"ulysses={ulysses_v} x ring={ring_v} = {ulysses_v * ring_v} must equal the sequence-parallel "
+                         f"degree sp={sp}; pass degrees whose product is {sp}, or let plan_degrees(...) choose")
+    return sp, ulysses_v, ring_v
+
+
+def init_sequence_parallel(
+    sp: int | None = None, *, ring: int | None = None, ulysses: int | None = None, cpu: bool | None = None
+) -> SequenceParallelGroups:
     """Create (or reuse) the process groups and make them current.
 
     Args:
-        sp: sequence-parallel degree; default the whole world. Must divide the world size.
+        sp: sequence-parallel degree; default the whole world (or `ring * ulysses`). Must divide the world size.
+        ring: ring-attention degree (hybrid `sp = ulysses x ring`); default 1, i.e. pure Ulysses.
+        ulysses: Ulysses degree; default `sp // ring`. Give either or both (their product must be `sp`).
         cpu: force gloo/CPU (`True`) or NCCL/GPU (`False`); default: CPU when no CUDA device is present.
 
     Returns the groups of this rank; layers and model adapters read them via `get_sequence_parallel_groups()`.
-    Raises `ValueError` (on every rank, before any collective) when `sp` does not divide the world size.
+    Raises `ValueError` (on every rank, before any collective) when `sp` does not divide the world size or the
+    degrees do not multiply to `sp`. `plan_degrees(...)` (`distributed.planner`) proposes degrees.
     """
     _ensure_process_group(cpu)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
-    sp = world if sp is None else int(sp)
+    sp, ulysses, ring = _resolve_degrees(sp, ring, ulysses, world)
     if sp < 1 or world % sp != 0:
         hint = "" if world > 1 else " (this is a single process: start it with `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N`)"
         raise ValueError(
@@ -112,6 +164,12 @@ def init_sequence_parallel(sp: int | None = None, *, cpu: bool | None = None) ->
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if ring > 1:
+        groups = _hybrid_groups(device_type, device, world, rank, sp, ulysses, ring)
+        set_sequence_parallel_groups(groups)
+        logger.info("sequence parallel: world %d, sp %d = ulysses %d x ring %d, dp %d, backend %s, rank %d",
+                    world, sp, ulysses, ring, world // sp, backend, rank)
+        return groups
     mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
     groups = SequenceParallelGroups(
         world_size=world,
@@ -130,6 +188,37 @@ def init_sequence_parallel(sp: int | None = None, *, cpu: bool | None = None) ->
     return groups
 
 
+def _hybrid_groups(
+    device_type: str, device: torch.device, world: int, rank: int, sp: int, ulysses: int, ring: int
+) -> SequenceParallelGroups:
+    """Groups on a `("dp", "ring", "ulysses")` mesh; the SP group is the flattened `("ring", "ulysses")` block."""
+    mesh = init_device_mesh(device_type, (world // sp, ring, ulysses), mesh_dim_names=("dp", "ring", "ulysses"))
+    sp_mesh = mesh["ring", "ulysses"]._flatten("sp")
+    return SequenceParallelGroups(
+        world_size=world,
+        rank=rank,
+        sp_size=sp,
+        sp_rank=sp_mesh.get_local_rank(),
+        dp_size=world // sp,
+        dp_rank=mesh.get_local_rank("dp"),
+        mesh=mesh,
+        sp_group=sp_mesh.get_group(),
+        dp_group=mesh.get_group("dp") if world // sp > 1 else None,
+        device=device,
+        ulysses_size=ulysses,
+        ulysses_rank=mesh.get_local_rank("ulysses"),
+        ring_size=ring,
+        ring_rank=mesh.get_local_rank("ring"),
+        ulysses_group=mesh.get_group("ulysses") if ulysses > 1 else None,
+        ring_group=mesh.get_group("ring"),
+    )
+
+
+def sp_layout(group: dist.ProcessGroup | None) -> SequenceParallelGroups | None:
+    """The hybrid (ring > 1) groups whose SP group is `group`, or None (then `group` is pure Ulysses)."""
+    return None if group is None else _HYBRID.get(id(group))
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -143,10 +232,13 @@ def set_sequence_parallel_groups(groups: SequenceParallelGroups | None) -> None:
     """Make `groups` current (or reset to the single-process default with `None`)."""
     global _CURRENT
     _CURRENT = groups
+    if groups is not None and groups.ring_size > 1 and groups.sp_group is not None:
+        _HYBRID[id(groups.sp_group)] = groups
 
 
 def destroy_sequence_parallel() -> None:
     """Forget the current groups and destroy the default process group if one exists."""
     set_sequence_parallel_groups(None)
+    _HYBRID.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

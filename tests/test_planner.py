@@ -1,0 +1,42 @@
+"""The degree planner and the degree errors: valid (ulysses, ring) choices and errors that name the fix."""
+
+import pytest
+
+from diffusers_dist_attn import init_sequence_parallel
+from diffusers_dist_attn.distributed import plan_degrees
+
+
+def test_degree_errors_name_the_fix():
+    with pytest.raises(ValueError, match=r"ulysses=2 x ring=2 = 4 must equal the sequence-parallel degree sp=1"):
+        init_sequence_parallel(1, ulysses=2, ring=2)
+    with pytest.raises(ValueError, match=r"ring=3 must be a positive divisor.*plan_degrees"):
+        init_sequence_parallel(ring=3)
+    with pytest.raises(ValueError, match="must multiply to the sequence-parallel degree 8"):
+        plan_degrees(12, 8, ulysses=4, ring=4)
+    with pytest.raises(ValueError, match="returns no log-sum-exp.*ring=1"):
+        plan_degrees(12, 8, ring=2, backend="flash_attn_3")
+    with pytest.raises(ValueError, match="video sparse attention.*ring=1"):
+        plan_degrees(12, 8, ring=2, full_heads=True)
+    with pytest.raises(ValueError, match="without a ring"):
+        plan_degrees(4, 8, full_heads=True)
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        ((12, 8, 8), (4, 2)),  # Wan 1.3B on 8 GPUs: even Ulysses 4 + ring 2 beats uneven Ulysses 8
+        ((40, 8, 8), (8, 1)),  # Wan 14B: Ulysses only
+        ((24, 16, 8), (8, 2)),  # HunyuanVideo on 2 nodes: Ulysses in the node, ring across
+        ((4, 8, 8), (4, 2)),  # fewer heads than ranks: ring for the rest
+        ((12, 16, 4), (4, 4)),  # 4 GPUs per node: Ulysses never crosses a node
+    ],
+)
+def test_planner_choices(args, expected):
+    plan = plan_degrees(*args, seq_len=32760)
+    assert (plan.ulysses, plan.ring) == expected and plan.sp == args[1] and plan.reason
+
+
+def test_planner_without_ring_splits_heads_unevenly():
+    plan = plan_degrees(12, 8, 8, full_heads=True)
+    assert (plan.ulysses, plan.ring, plan.head_split, plan.even) == (8, 1, (2, 2, 2, 2, 1, 1, 1, 1), False)
+    assert "video sparse attention" in plan.reason
