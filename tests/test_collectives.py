@@ -1,5 +1,7 @@
 """Collectives on real gloo groups: shapes, values, adjoint backward, world-size-1 identity."""
 
+import io
+
 import torch
 from distributed_utils import run_distributed
 
@@ -39,7 +41,14 @@ def _collectives_body(rank, world):
     rep = torch.randn(2, 5, 4 * world, 3, requires_grad=True)
     rep_full = all_gather_heads(rep[:, :, rank * h_loc:(rank + 1) * h_loc], group)
     rep_full.sum().backward()
+    # batch 1: the all-gather's result is a view of the collective's buffer; it must be complete when handed out
+    whole = torch.randn(1, 3 * world, 2, 3)
+    one = gather_sequence(whole[:, rank * 3:(rank + 1) * 3], group, 1, 3 * world - 1)
+    buf = io.BytesIO()
+    torch.save(one, buf)
+    saved = torch.load(io.BytesIO(buf.getvalue()))
     return {
+        "batch1_saved_err": (saved - whole[:, :3 * world - 1]).abs().max().item(),
         "heads_err": (heads - expect_heads).abs().max().item(),
         "roundtrip_err": (gathered - full).abs().max().item(),
         "grad_err": (full.grad - weight).abs().max().item(),
@@ -52,6 +61,7 @@ def _collectives_body(rank, world):
 def test_collectives_two_and_four_ranks():
     for world in (2, 4):
         for r in run_distributed(world, _collectives_body):
+            assert r["batch1_saved_err"] == 0
             assert r["heads_err"] == 0 and r["roundtrip_err"] == 0 and r["rep_err"] == 0
             # gather's backward reduce-scatters (P identical grads) and shard's backward divides by P: identity.
             assert r["grad_err"] < 1e-6

@@ -54,11 +54,11 @@ def test_rotary_matches_complex_rotation():
 
 def test_backend_selection_on_cpu(monkeypatch):
     q = torch.randn(1, 4, 2, 8)
-    assert resolve_backend(q) is AttentionBackendEnum.SDPA_MATH
+    assert resolve_backend(q) is AttentionBackendEnum.SDPA_FLASH  # SDPA's fused CPU kernel, math as fallback
     # A missing optional backend falls back with one warning, never an error.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert resolve_backend(q, requested="flash_attn") is AttentionBackendEnum.SDPA_MATH
+        assert resolve_backend(q, requested="flash_attn") is AttentionBackendEnum.SDPA_FLASH
     assert any("flash_attn requested" in str(w.message) for w in caught)
     monkeypatch.setenv(BACKEND_ENV, "sdpa_efficient")
     assert resolve_backend(q) is AttentionBackendEnum.SDPA_EFFICIENT

@@ -47,6 +47,27 @@ __all__ = [
 ]
 
 
+class _Wait(torch.autograd.Function):
+    """Identity whose forward waits for an async functional collective and returns a plain tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.trigger_wait()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def _waited(x: torch.Tensor) -> torch.Tensor:
+    """Complete an async functional collective before its result leaves this module (a plain tensor).
+
+    funcol returns an `AsyncCollectiveTensor` that waits on its first *compute* op; views (an all-gather whose
+    leading dims are 1, then `narrow`) and `torch.save` would read it before the data has arrived.
+    """
+    return _Wait.apply(x) if isinstance(x, funcol.AsyncCollectiveTensor) else x
+
+
 def group_size(group: dist.ProcessGroup | None) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
@@ -135,7 +156,7 @@ def all_gather_heads(x: torch.Tensor, group: dist.ProcessGroup | None, num_heads
     if world == 1:
         return x
     if num_heads is None or num_heads == world * x.shape[2]:
-        return _all_gather_autograd(x.contiguous(), gather_dim=2, group=group)
+        return _waited(_all_gather_autograd(x.contiguous(), gather_dim=2, group=group))
     b, length, h_me, d = x.shape
     splits = head_split(num_heads, world)
     unit = length * b * d
@@ -207,5 +228,5 @@ def gather_sequence(
     """All-gather the shards along `dim` (rank order) and trim to `original_length`."""
     if group_size(group) == 1:
         return x if original_length is None else x.narrow(dim, 0, original_length)
-    full = _all_gather_autograd(x.contiguous(), gather_dim=dim, group=group)
+    full = _waited(_all_gather_autograd(x.contiguous(), gather_dim=dim, group=group))
     return full if original_length is None else full.narrow(dim, 0, original_length)

@@ -1,0 +1,470 @@
+"""One sequence-sharding mechanism for every model adapter ("one mechanism, several model plans").
+
+A model adapter says *where* to cut with a `ShardingPlan` and registers it for its transformer class;
+`parallelize(pipe_or_transformer, ...)` does the rest with plain torch forward hooks:
+
+| hook | on | does |
+|---|---|---|
+| forward pre-hook | the transformer (root) | fills the per-forward `ShardingState` (unpadded sequence length, post-patch grid `(T, H, W)`, denoising step, sparsity) and shards root inputs listed under `""` in `plan.shard_inputs` (e.g. Wan 2.2 TI2V per-token timesteps `[B, S]`) |
+| forward pre-hook | each module listed in `plan.shard_inputs` | zero-pads the token sequence to a multiple of P and keeps this rank's chunk (`distributed.shard_sequence`) |
+| forward hook | `plan.gather_output` | all-gathers the sequence and drops the padding (`distributed.gather_sequence`) |
+| `plan.install` | attention modules | installs the model's processors, which read the `ShardingState` (diffusers' `attention_kwargs` never reach processors) |
+
+Rotary tables stay **full** (`[1, S, 1, D]`): `DistributedAttention` applies RoPE after its all-to-all, on the full
+unpadded sequence (`freqs_cis=`), so nothing rotary needs sharding.
+
+Gradients follow FastVideo's convention (see `distributed/collectives.py`): every SP rank computes the same loss on
+the gathered output; averaging parameter gradients over the SP group gives the single-process gradients.
+
+Order with diffusers offloading: call `parallelize` first, then `pipe.enable_model_cpu_offload()` (or sequential
+offload / caching hooks). torch forward hooks run before accelerate's wrapped `forward`, so both orders work, but
+the documented one is parallelize -> offload; `handle.remove()` leaves the offload hooks in place.
+
+Writing a plan for a new model (see `models/wan.py`)::
+
+    register_plan("MyTransformer", ShardingPlan(
+        name="my-model",
+        shard_inputs={"blocks.0": (ShardInput("hidden_states"),)},   # first block input: [B, S, C]
+        gather_output="proj_out",                                    # [B, S_loc, C'] -> [B, S, C']
+        grid=lambda model, inputs: my_post_patch_grid(model, inputs["hidden_states"]),
+        num_heads=lambda model: model.config.num_attention_heads,
+        install=my_install,   # (model, state, **options) -> undo callable or None
+    ))
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..attention.validation import check_head_split, check_sparsity
+from ..distributed.collectives import gather_sequence, padded_length, shard_sequence
+from ..distributed.groups import SequenceParallelGroups, get_sequence_parallel_groups, init_sequence_parallel
+
+__all__ = [
+    "ShardInput",
+    "ShardingPlan",
+    "ShardingState",
+    "DenseThenSparse",
+    "ParallelHandle",
+    "register_plan",
+    "get_plan",
+    "load_gates",
+    "parallelize",
+    "resolve_sparsity",
+]
+
+Grid = tuple[int, int, int]
+SparsitySchedule = float | Callable[[int], float | None]
+"""A constant sparsity in [0, 1), or `step -> sparsity` where `None` means "dense attention at this step"."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plans
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardInput:
+    """One forward argument to shard along `dim` (by name; positional calls are resolved via the signature).
+
+    `ndim`: shard only when the tensor has exactly this many dims (others pass through unchanged), e.g. Wan's
+    timestep is sharded only in its per-token `[B, S]` form.
+    """
+
+    name: str
+    dim: int = 1
+    ndim: int | None = None
+
+
+@dataclass(frozen=True)
+class ShardingPlan:
+    """Where a model is cut for sequence parallelism.
+
+    Attributes:
+        name: short model name for messages.
+        shard_inputs: module path (`""` = the transformer itself) -> arguments to shard. Every sharded tensor must
+            have the full token sequence (length `T*H*W`) on its `dim`.
+        gather_output: module path whose (tensor or first tuple element) output is all-gathered on `gather_dim`
+            and trimmed to the unpadded length.
+        grid: `(model, inputs) -> (T, H, W)`, the post-patch token grid from the transformer's forward arguments
+            (`inputs` maps argument names to values).
+        num_heads: `model -> attention heads` (Ulysses needs `heads % P == 0`).
+        install: `(model, state, **options) -> undo or None`: installs the attention processors (and any extra
+            modules or hooks). Processors are snapshotted and restored by the mechanism; `undo` removes the rest.
+        attentions: attention kinds `install` accepts.
+        load_gates: `(model, source) -> report` loading VSA `to_gate_compress` weights (file, folder or state
+            dict); the report has `used`, `unused` and `missing_blocks`. None: the model has no VSA gates.
+    """
+
+    name: str
+    shard_inputs: Mapping[str, tuple[ShardInput, ...]]
+    gather_output: str
+    grid: Callable[[nn.Module, Mapping[str, Any]], Grid]
+    num_heads: Callable[[nn.Module], int]
+    install: Callable[..., Callable[[], None] | None]
+    attentions: tuple[str, ...] = ("dense", "vsa")
+    gather_dim: int = 1
+    load_gates: Callable[[nn.Module, Any], Any] | None = None
+
+
+_PLANS: dict[str, ShardingPlan] = {}
+# Adapters imported on first use, keyed by transformer class name: importing the module registers its plan.
+_BUILTIN_ADAPTERS = {
+    "WanTransformer3DModel": "diffusers_dist_attn.models.wan",
+    "HunyuanVideoTransformer3DModel": "diffusers_dist_attn.models.hunyuan_video",
+    "HunyuanVideo15Transformer3DModel": "diffusers_dist_attn.models.hunyuan_video",
+}
+
+
+def register_plan(transformer_class: type | str, plan: ShardingPlan) -> None:
+    """Register `plan` for a transformer class (or its class name); subclasses inherit it."""
+    name = transformer_class if isinstance(transformer_class, str) else transformer_class.__name__
+    _PLANS[name] = plan
+
+
+def load_gates(model: nn.Module, source: Any) -> Any:
+    """Load VSA gates into `model` through its plan's `load_gates` (any registered model)."""
+    plan = get_plan(model)
+    if plan is None or plan.load_gates is None:
+        raise ValueError(f"{type(model).__name__} has no VSA gate loader (no registered plan with load_gates)")
+    return plan.load_gates(model, source)
+
+
+def get_plan(model: nn.Module) -> ShardingPlan | None:
+    """The plan registered for `model`'s class or nearest base class (importing built-in adapters lazily)."""
+    for klass in type(model).__mro__:
+        if klass.__name__ not in _PLANS and klass.__name__ in _BUILTIN_ADAPTERS:
+            try:
+                importlib.import_module(_BUILTIN_ADAPTERS[klass.__name__])
+            except ImportError:
+                continue
+        if klass.__name__ in _PLANS:
+            return _PLANS[klass.__name__]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sparsity schedules
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DenseThenSparse:
+    """Dense attention for the first `dense_steps` denoising steps, then VSA at `sparsity`."""
+
+    sparsity: float
+    dense_steps: int = 0
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        if int(self.dense_steps) < 0:
+            raise ValueError(f"dense_steps must be >= 0; got {self.dense_steps}")
+
+    def __call__(self, step: int) -> float | None:
+        return None if step < self.dense_steps else self.sparsity
+
+
+def resolve_sparsity(schedule: SparsitySchedule, step: int) -> float | None:
+    """The sparsity at `step` (validated to lie in [0, 1)); `None` means dense attention."""
+    value = schedule(step) if callable(schedule) else schedule
+    return None if value is None else check_sparsity(value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-forward state
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ShardingState:
+    """What the processors of one transformer read during its forward.
+
+    Set by the root pre-hook at the start of every forward: `original_seq_len` (unpadded token count `T*H*W`),
+    `grid` (post-patch `(T, H, W)`), `step` (denoising step index, from the pipeline's scheduler or, without one,
+    counted from changes of the timestep), `sparsity` (this step's value of `schedule`; `None` = dense).
+    """
+
+    groups: SequenceParallelGroups
+    attention: str = "dense"
+    schedule: SparsitySchedule = 0.0
+    step_source: Callable[[Any], int] | None = None
+    original_seq_len: int | None = None
+    grid: Grid | None = None
+    step: int = 0
+    sparsity: float | None = 0.0
+    in_forward: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)  # free slot for model adapters
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup | None:
+        return self.groups.sp_group
+
+    @property
+    def sp_size(self) -> int:
+        return self.groups.sp_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.groups.sp_rank
+
+    @property
+    def local_seq_len(self) -> int | None:
+        """Tokens per rank after sharding (`ceil(S / P)`)."""
+        if self.original_seq_len is None:
+            return None
+        return padded_length(self.original_seq_len, self.sp_size) // self.sp_size
+
+
+class StepCounter:
+    """Denoising step index: the scheduler's `step_index` when a pipeline is known, else counted from timesteps.
+
+    Without a scheduler, a new step starts whenever the (max) timestep value changes, and a larger timestep than
+    the previous one starts a new generation at step 0; classifier-free-guidance calls share one step. The
+    timestep is read only when needed (a callable schedule), as it costs a device sync.
+    """
+
+    def __init__(self, scheduler: Any = None) -> None:
+        self.scheduler = scheduler
+        self._last: float | None = None
+        self._step = 0
+
+    def __call__(self, timestep: Any) -> int:
+        if self.scheduler is not None:
+            return int(getattr(self.scheduler, "step_index", None) or 0)
+        if not isinstance(timestep, torch.Tensor) and not isinstance(timestep, (int, float)):
+            return self._step
+        value = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
+        if self._last is not None and value != self._last:
+            self._step = 0 if value > self._last else self._step + 1
+        self._last = value
+        return self._step
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------------------------
+def _positions(module: nn.Module) -> dict[str, int]:
+    """Positional index (without `self`) of every named forward parameter; computed once at install time, so the
+    hooks themselves stay traceable by torch.compile (blocks compiled with `compile_repeated_blocks` run them)."""
+    params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    return {p.name: i for i, p in enumerate(params)
+            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+
+
+def _get_arg(positions: dict[str, int], args: tuple, kwargs: dict, name: str) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    index = positions.get(name)
+    return args[index] if index is not None and index < len(args) else None
+
+
+def _set_arg(positions: dict[str, int], args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
+    if name in kwargs:
+        return args, {**kwargs, name: value}
+    index = positions[name]
+    return args[:index] + (value,) + args[index + 1:], kwargs
+
+
+def _shard_args(positions, args, kwargs, specs: tuple[ShardInput, ...], state: ShardingState, where: str):
+    for spec in specs:
+        value = _get_arg(positions, args, kwargs, spec.name)
+        if not isinstance(value, torch.Tensor) or (spec.ndim is not None and value.ndim != spec.ndim):
+            continue
+        if state.original_seq_len is not None and value.shape[spec.dim] != state.original_seq_len:
+            raise ValueError(
+                f"{where}: input {spec.name!r} has {value.shape[spec.dim]} tokens on dim {spec.dim}, but the "
+                f"post-patch grid {state.grid} has {state.original_seq_len}; the sharding plan does not fit this input"
+            )
+        local, _ = shard_sequence(value, state.sp_group, dim=spec.dim)
+        args, kwargs = _set_arg(positions, args, kwargs, spec.name, local)
+    return args, kwargs
+
+
+def _root_pre_hook(plan: ShardingPlan, state: ShardingState, positions: dict[str, int], module, args, kwargs):
+    inputs = {**{n: args[i] for n, i in positions.items() if i < len(args)}, **kwargs}
+    grid = tuple(int(g) for g in plan.grid(module, inputs))
+    state.grid = grid
+    state.original_seq_len = math.prod(grid)
+    if state.step_source is not None and (callable(state.schedule) or getattr(state.step_source, "scheduler", None)):
+        state.step = state.step_source(inputs.get("timestep"))
+    state.sparsity = resolve_sparsity(state.schedule, state.step)
+    state.in_forward = True
+    specs = plan.shard_inputs.get("")
+    if specs:
+        return _shard_args(positions, args, kwargs, specs, state, plan.name)
+    return None
+
+
+def _root_post_hook(state: ShardingState, module, args, output):
+    state.in_forward = False
+    return None
+
+
+def _shard_pre_hook(specs: tuple[ShardInput, ...], state: ShardingState, positions: dict[str, int], where: str,
+                    module, args, kwargs):
+    return _shard_args(positions, args, kwargs, specs, state, where)
+
+
+def _gather_hook(plan: ShardingPlan, state: ShardingState, module, args, output):
+    first = output[0] if isinstance(output, tuple) else output
+    full = gather_sequence(first, state.sp_group, dim=plan.gather_dim, original_length=state.original_seq_len)
+    return (full, *output[1:]) if isinstance(output, tuple) else full
+
+
+# --------------------------------------------------------------------------------------------------------------
+# parallelize / remove
+# --------------------------------------------------------------------------------------------------------------
+class ParallelHandle:
+    """What `parallelize` changed; `remove()` restores the stock behaviour (also on `with ...:` exit)."""
+
+    def __init__(self, groups: SequenceParallelGroups) -> None:
+        self.groups = groups
+        self.transformers: dict[str, nn.Module] = {}
+        self.states: dict[str, ShardingState] = {}
+        self._undo: list[Callable[[], None]] = []
+
+    @property
+    def state(self) -> ShardingState:
+        """The state of the first (or only) transformer."""
+        return next(iter(self.states.values()))
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+        for model in self.transformers.values():
+            model.__dict__.pop("_dda_parallel", None)
+        self.transformers.clear()
+        self.states.clear()
+
+    def __enter__(self) -> ParallelHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        names = ", ".join(self.transformers) or "removed"
+        return f"ParallelHandle(sp={self.groups.sp_size}, transformers=[{names}])"
+
+
+def _resolve_groups(sp: int | None, groups: SequenceParallelGroups | None) -> SequenceParallelGroups:
+    """Explicit groups, else the current ones when they fit `sp`, else new ones (`init_sequence_parallel`)."""
+    if groups is not None:
+        if sp is not None and groups.sp_size != sp:
+            raise ValueError(f"sp={sp} contradicts the given groups (sp_size {groups.sp_size})")
+        return groups
+    current = get_sequence_parallel_groups()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+    initialised = current.world_size > 1 or not launched  # a launched job whose groups are still the default: no
+    if sp is None:
+        return current if initialised else init_sequence_parallel(None)
+    return current if initialised and current.sp_size == int(sp) else init_sequence_parallel(int(sp))
+
+
+def _transformers_of(target: Any, components: tuple[str, ...] | None) -> tuple[dict[str, nn.Module], Any]:
+    """`{name: transformer}` with a registered plan, and the pipeline's scheduler (or None)."""
+    if isinstance(target, nn.Module):
+        if get_plan(target) is None:
+            raise ValueError(f"no sharding plan is registered for {type(target).__name__}; known: "
+                             f"{sorted(set(_PLANS) | set(_BUILTIN_ADAPTERS))}")
+        return {"transformer": target}, None
+    names = components or tuple(getattr(target, "components", {}).keys())
+    found = {n: getattr(target, n, None) for n in names}
+    found = {n: m for n, m in found.items() if isinstance(m, nn.Module) and get_plan(m) is not None}
+    if not found:
+        raise ValueError(f"{type(target).__name__} has no component with a registered sharding plan "
+                         f"(looked at {list(names)})")
+    return found, getattr(target, "scheduler", None)
+
+
+def parallelize(
+    pipe_or_transformer: Any,
+    sp: int | None = None,
+    attention: str = "dense",
+    sparsity: SparsitySchedule = 0.0,
+    *,
+    groups: SequenceParallelGroups | None = None,
+    components: tuple[str, ...] | None = None,
+    **options: Any,
+) -> ParallelHandle:
+    """Shard the token sequence of every transformer of a pipeline (or of one transformer) over the SP group.
+
+    Args:
+        pipe_or_transformer: a diffusers pipeline (every component with a registered plan is parallelized, e.g.
+            Wan 2.2 A14B's `transformer` and `transformer_2`) or a transformer.
+        sp: sequence-parallel degree; default: the current groups (`init_sequence_parallel`), else the world.
+        attention: an attention kind of the plan (`"dense"` Ulysses, `"vsa"` Video Sparse Attention; plans may
+            offer `"local"`: single-device attention, only with `sp=1`).
+        sparsity: VSA sparsity, a constant in [0, 1) or `step -> sparsity | None` (`None` = dense at that step),
+            e.g. `DenseThenSparse(0.9, dense_steps=10)`.
+        groups: explicit process groups (overrides `sp`); `SequenceParallelGroups()` runs single-process.
+        components: pipeline attribute names to parallelize (default: all with a plan).
+        **options: passed to the plan's `install` (e.g. Wan: `vsa_implementation`).
+
+    Returns a `ParallelHandle`; `handle.remove()` restores stock processors and removes all hooks.
+    Raises `ValueError` before any change on a bad attention name, sparsity, or head count / SP degree.
+    """
+    found, scheduler = _transformers_of(pipe_or_transformer, components)
+    resolve_sparsity(sparsity, 0)  # validate early (a schedule is validated again at every step)
+    groups = _resolve_groups(sp, groups)
+    if groups.sp_size == 1 and get_sequence_parallel_groups().sp_size > 1:
+        # The layers fall back to the current groups when given no process group (P = 1).
+        raise ValueError("single-process groups were given while the current sequence-parallel groups have "
+                         f"P = {get_sequence_parallel_groups().sp_size}; make them current first "
+                         "(set_sequence_parallel_groups) or pass sp=None")
+    for name, model in found.items():
+        plan = get_plan(model)
+        if attention not in plan.attentions:
+            raise ValueError(f"unknown attention {attention!r} for {plan.name}; choose one of {list(plan.attentions)}")
+        if attention == "local" and groups.sp_size > 1:
+            raise ValueError(f"attention='local' runs without sequence parallelism; use sp=1 (got {groups.sp_size})")
+        try:  # Ulysses needs at least one head per rank of its degree
+            check_head_split(plan.num_heads(model), groups.sp_size, ulysses=groups.ulysses_size,
+                             video_sparse=attention == "vsa")
+        except ValueError as exc:
+            raise ValueError(f"{plan.name} {name}: {exc}") from None
+        if "_dda_parallel" in model.__dict__:
+            raise ValueError(f"{name} is already parallelized; call handle.remove() first")
+
+    handle = ParallelHandle(groups)
+    step_source = StepCounter(scheduler)
+    try:
+        for name, model in found.items():
+            plan = get_plan(model)
+            state = ShardingState(groups=groups, attention=attention, schedule=sparsity, step_source=step_source)
+            _apply(handle, model, plan, state, options)
+            handle.transformers[name] = model
+            handle.states[name] = state
+            model.__dict__["_dda_parallel"] = handle
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _apply(handle: ParallelHandle, model: nn.Module, plan: ShardingPlan, state: ShardingState, options) -> None:
+    saved = dict(model.attn_processors) if hasattr(model, "attn_processors") else None
+    if saved is not None:
+        handle._undo.append(lambda: model.set_attn_processor(dict(saved)))  # set_attn_processor empties its dict
+    undo = plan.install(model, state, **options)
+    if undo is not None:
+        handle._undo.append(undo)
+    hooks = [
+        model.register_forward_pre_hook(functools.partial(_root_pre_hook, plan, state, _positions(model)),
+                                        with_kwargs=True),
+        model.register_forward_hook(functools.partial(_root_post_hook, state)),
+    ]
+    for path, specs in plan.shard_inputs.items():
+        if path:
+            module = model.get_submodule(path)
+            hook = functools.partial(_shard_pre_hook, specs, state, _positions(module), f"{plan.name} {path}")
+            hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    hooks.append(model.get_submodule(plan.gather_output).register_forward_hook(
+        functools.partial(_gather_hook, plan, state)))
+    handle._undo.append(lambda: [h.remove() for h in hooks])

@@ -1,0 +1,544 @@
+"""Triton kernels for Video Sparse Attention on tiled tensors `[B, H, 64*N, D]` (contiguous).
+
+Launchers (each one or two kernel launches; `BH = B*H`):
+
+- `block_means(q, k, v, bs)`: per-block means over real tokens -> `q_c, k_c, v_c [B, H, N, D]` (input dtype).
+- `coarse_select(q_c, k_c, v_c, topk, scale)`: compressed attention `out_c` (fp32 `[B, H, N, D]`), the coarse
+  scores (fp32 `[B, H, N, N]`), and per row exactly `topk` key blocks with the largest scores (ties: lower block
+  index first) as a byte mask `sel [B, H, N, N]` and ascending index lists `q2k_idx [B, H, N, topk]`,
+  `q2k_num [B, H, N]` (all `topk`). One launch.
+- `sparse_fwd(...)`: block-sparse flash attention over the selected 64-token key blocks (keys at or past
+  `bs[j]` in block j masked), fused epilogue `out = out_c[block] * gate + out_s`; also the base-2 log-sum-exp.
+  One program per (query block, batch*head) walks its index list, one 64x64 tile per step; the gathered K/V tiles
+  come through TMA descriptors on sm_90+ (`CONFIGS[...]["tma"]`).
+- `build_k2q(sel)`: for every key block, the ascending list of query blocks that selected it (backward).
+- `bwd_preprocess`, `sparse_bwd_dq`, `sparse_bwd_dkdv`: the backward (FA2 style: dQ over q2k, dK/dV over k2q),
+  with the coarse-stage gradients (already divided by the block sizes) added in the epilogues.
+
+All matmuls take bf16/fp16 operands with fp32 accumulation; head_dim D in {64, 128} (any power of two >= 16 works).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton: pointer loads only
+    TensorDescriptor = None
+
+BLOCK = 64
+LOG2E = 1.4426950408889634
+
+# Launch configurations of the fine-stage kernels. `tma`: load the gathered 64-row K/V (Q/dO) tiles through TMA
+# tensor descriptors (sm_90+; otherwise plain pointer loads). `benchmarks/bench_vsa.py --sweep` measures the
+# alternatives on the card at hand and reports the fastest; the defaults below come from its H100 runs.
+# `*_dense`: topk == N, where every list is the same, so a program may take `group` = 2 blocks (128 rows) and
+# fetch each K/V (Q/dO) tile once for both. On the H100 with Triton 3.6 that measured slower than one block per
+# program (s = 0, B1 H12 S32768 D128: forward 18.8 vs 15.8 ms, fwd+bwd 66.9 vs 56.2 ms), so it is off (group 1
+# uses the sparse configs); `bench_vsa.py --sweep dense` times it on other cards.
+CONFIGS: dict[str, dict[str, int]] = {
+    "fwd": {"num_warps": 4, "num_stages": 4, "tma": 1},
+    "dq": {"num_warps": 4, "num_stages": 3, "tma": 1},
+    "dkdv": {"num_warps": 4, "num_stages": 2, "tma": 1},
+    "fwd_dense": {"group": 1, "num_warps": 8, "num_stages": 2, "tma": 1},
+    "dq_dense": {"group": 1, "num_warps": 8, "num_stages": 2, "tma": 1},
+    "dkdv_dense": {"group": 1, "num_warps": 8, "num_stages": 2, "tma": 0},
+}
+
+# Tests set this to fill every output with NaN (floats) or -1 (ints) before the kernels write it.
+POISON_OUTPUTS = False
+
+
+def _new(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised output (poisoned when `POISON_OUTPUTS`)."""
+    dtype = like.dtype if dtype is None else dtype
+    if not POISON_OUTPUTS:
+        return torch.empty(shape, device=like.device, dtype=dtype)
+    fill = float("nan") if dtype.is_floating_point else (255 if dtype == torch.uint8 else -1)
+    return torch.full(shape, fill, device=like.device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# coarse stage
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mean_one(X, XC, base, cbase, bs, D: tl.constexpr):
+    offs_m = tl.arange(0, 64)
+    offs_d = tl.arange(0, D)
+    x = tl.load(X + base + offs_m[:, None] * D + offs_d[None, :]).to(tl.float32)
+    tl.store(XC + cbase + offs_d, (tl.sum(x, 0) / bs).to(XC.dtype.element_ty))
+
+
+@triton.jit
+def _block_mean_kernel(Q, K, V, QC, KC, VC, BS, N, D: tl.constexpr):
+    """grid (N, BH): means of block `blk` of q, k and v (fp32 sums divided by the block size)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    base = (bh * N + blk) * (64 * D)
+    cbase = (bh * N + blk) * D
+    bs = tl.load(BS + blk).to(tl.float32)
+    _mean_one(Q, QC, base, cbase, bs, D)
+    _mean_one(K, KC, base, cbase, bs, D)
+    _mean_one(V, VC, base, cbase, bs, D)
+
+
+@triton.jit
+def _coarse_kernel(
+    QC, KC, VC, OC, SC, SEL, IDX, NUM, N, topk, scale,
+    D: tl.constexpr, BMC: tl.constexpr, BNC: tl.constexpr, NPAD: tl.constexpr, R: tl.constexpr,
+):  # fmt: skip
+    """grid (cdiv(N, BMC), BH): coarse attention, scores and exact top-k for BMC query blocks."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, D)
+    rows = pid * BMC + tl.arange(0, BMC)
+    rmask = rows < N
+    cbase = bh * N * D
+    sbase = bh * N * N
+    q = tl.load(QC + cbase + rows[:, None] * D + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    m_i = tl.full([BMC], float("-inf"), tl.float32)
+    l_i = tl.zeros([BMC], tl.float32)
+    acc = tl.zeros([BMC, D], tl.float32)
+    for c0 in range(0, N, BNC):
+        cols = c0 + tl.arange(0, BNC)
+        cmask = cols < N
+        kc = tl.load(KC + cbase + cols[:, None] * D + offs_d[None, :], mask=cmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kc)) * scale
+        tl.store(SC + sbase + rows[:, None] * N + cols[None, :], s, mask=rmask[:, None] & cmask[None, :])
+        s2 = tl.where(cmask[None, :], s * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s2 - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vc = tl.load(VC + cbase + cols[:, None] * D + offs_d[None, :], mask=cmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
+        m_i = m_new
+    tl.store(OC + cbase + rows[:, None] * D + offs_d[None, :], acc / l_i[:, None], mask=rmask[:, None])
+    tl.debug_barrier()  # the score rows written above are read back by other threads of this program
+
+    # Exact top-k per row: radix select of the k-th largest order-preserving int32 key (31 bisection steps over
+    # the bits after the sign), then all keys above it plus the lowest-indexed ties.
+    cols = tl.arange(0, NPAD)
+    cm = cols < N
+    for r0 in range(0, BMC, R):
+        rr = pid * BMC + r0 + tl.arange(0, R)
+        rm = rr < N
+        s = tl.load(SC + sbase + rr[:, None] * N + cols[None, :], mask=rm[:, None] & cm[None, :], other=0.0)
+        bits = s.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        key = tl.where(cm[None, :], key, -2147483648)
+        n_nonneg = tl.sum((key >= 0).to(tl.int32), 1)
+        thr = tl.where(n_nonneg >= topk, 0, -2147483648)
+        for i in range(31):
+            cand = thr | (1 << (30 - i))
+            cnt = tl.sum((key >= cand[:, None]).to(tl.int32), 1)
+            thr = tl.where(cnt >= topk, cand, thr)
+        gt = key > thr[:, None]
+        n_gt = tl.sum(gt.to(tl.int32), 1)
+        eq = (key == thr[:, None]) & cm[None, :]
+        rank = tl.cumsum(eq.to(tl.int32), 1)
+        sel = gt | (eq & (rank <= (topk - n_gt)[:, None]))
+        pos = tl.cumsum(sel.to(tl.int32), 1) - 1
+        colv = tl.zeros([R, NPAD], tl.int32) + cols[None, :]
+        tl.store(IDX + bh * N * topk + rr[:, None] * topk + pos, colv, mask=sel & rm[:, None])
+        tl.store(SEL + sbase + rr[:, None] * N + cols[None, :], sel.to(tl.uint8), mask=rm[:, None] & cm[None, :])
+        tl.store(NUM + bh * N + rr, tl.zeros([R], tl.int32) + topk, mask=rm)
+
+
+@triton.jit
+def _k2q_kernel(SEL, K2Q, K2QN, N, BC: tl.constexpr, RB: tl.constexpr):
+    """grid (cdiv(N, BC), BH): for BC key blocks, the ascending list of query blocks whose row selected them."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    cols = pid * BC + tl.arange(0, BC)
+    cm = cols < N
+    base = bh * N * N
+    count = tl.zeros([BC], tl.int32)
+    for r0 in range(0, N, RB):
+        rows = r0 + tl.arange(0, RB)
+        rm = rows < N
+        m = tl.load(SEL + base + rows[:, None] * N + cols[None, :], mask=rm[:, None] & cm[None, :], other=0)
+        m = m.to(tl.int32)
+        pos = tl.cumsum(m, 0) - 1 + count[None, :]
+        rowv = tl.zeros([RB, BC], tl.int32) + rows[:, None]
+        tl.store(K2Q + base + cols[None, :] * N + pos, rowv, mask=m > 0)
+        count += tl.sum(m, 0)
+    tl.store(K2QN + bh * N + cols, count, mask=cm)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fine stage
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(X, row0, D: tl.constexpr, USE_TMA: tl.constexpr):
+    """The `[64, D]` tile at row `row0` of a `[rows, D]` view: a TMA tensor descriptor or a plain pointer."""
+    if USE_TMA:
+        x = X.load([row0.to(tl.int32), 0])
+    else:
+        offs = tl.arange(0, 64)
+        x = tl.load(X + (row0 + offs)[:, None] * D + tl.arange(0, D)[None, :])
+    return x
+
+
+@triton.jit
+def _rows_of(X, bh, N, blk0, rows, rmask, D: tl.constexpr, GB: tl.constexpr):
+    """Per-block vectors `X[bh, block, :]` (fp32 `[BH, N, D]`) of the program's rows: `[1, D]` or `[64*GB, D]`."""
+    offs_d = tl.arange(0, D)
+    if GB == 1:
+        x = tl.load(X + (bh * N + blk0) * D + offs_d)[None, :]
+    else:
+        x = tl.load(X + (bh * N + rows // 64)[:, None] * D + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    return x
+
+
+@triton.jit
+def _sizes_of(BS, blk0, rows, rmask, GB: tl.constexpr):
+    """Block sizes of the program's rows: a scalar or `[64*GB, 1]` (1 for rows past the end)."""
+    if GB == 1:
+        bs = tl.load(BS + blk0).to(tl.float32)
+    else:
+        bs = tl.load(BS + rows // 64, mask=rmask, other=1).to(tl.float32)[:, None]
+    return bs
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, G, OC, OUT, OS, LSE, IDX, NUM, BS, qk_scale, N, maxk,
+    D: tl.constexpr, HAS_GATE: tl.constexpr, SAVE_OS: tl.constexpr, USE_TMA: tl.constexpr, GB: tl.constexpr,
+):  # fmt: skip
+    """grid (cdiv(N, GB), BH): the 64*GB query rows of blocks `blk0 ..` against the key blocks listed for `blk0`
+    (online softmax, base 2). GB > 1 only when those blocks share one list (topk == N): each K/V tile fetched
+    from L2 then serves 64*GB rows instead of 64."""
+    BM: tl.constexpr = 64 * GB
+    blk0 = tl.program_id(0) * GB
+    bh = tl.program_id(1).to(tl.int64)
+    seq_row = bh * N * 64  # first row of this (batch, head) in the [BH*S, D] view
+    list_id = bh * N + blk0
+    offs_n = tl.arange(0, 64)
+    offs_d = tl.arange(0, D)
+    rows = blk0 * 64 + tl.arange(0, BM)
+    rmask = rows < N * 64
+    tile = (seq_row + rows)[:, None] * D + offs_d[None, :]
+    q = tl.load(Q + tile, mask=rmask[:, None], other=0.0)
+    n = tl.load(NUM + list_id)
+    idx_ptr = IDX + list_id * maxk
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for t in range(0, n):
+        kb = tl.load(idx_ptr + t)
+        bias = tl.where(offs_n < tl.load(BS + kb), 0.0, float("-inf"))  # pad keys of a partial block
+        k = _tile(K, seq_row + kb * 64, D, USE_TMA)
+        s = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _tile(V, seq_row + kb * 64, D, USE_TMA)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    out_s = acc / l_i[:, None]
+    if SAVE_OS:
+        tl.store(OS + tile, out_s.to(OS.dtype.element_ty), mask=rmask[:, None])
+    oc = _rows_of(OC, bh, N, blk0, rows, rmask, D, GB)
+    if HAS_GATE:
+        out = out_s + oc * tl.load(G + tile, mask=rmask[:, None], other=0.0).to(tl.float32)
+    else:
+        out = out_s + oc
+    tl.store(OUT + tile, out.to(OUT.dtype.element_ty), mask=rmask[:, None])
+    tl.store(LSE + seq_row + rows, m_i + tl.log2(l_i), mask=rmask)
+
+
+@triton.jit
+def _bwd_pre_kernel(OS, DO, G, OC, DELTA, DG, DOC, N, D: tl.constexpr, HAS_GATE: tl.constexpr):
+    """grid (N, BH): delta = rowsum(dO * out_s); d_gate = dO * out_c; d_out_c = colsum(dO * gate)."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    seq = bh * N * (64 * D)
+    row_id = bh * N + qb
+    offs_d = tl.arange(0, D)
+    rows = qb * 64 + tl.arange(0, 64)
+    tile = rows[:, None] * D + offs_d[None, :]
+    do = tl.load(DO + seq + tile).to(tl.float32)
+    os = tl.load(OS + seq + tile).to(tl.float32)
+    tl.store(DELTA + bh * N * 64 + rows, tl.sum(do * os, 1))
+    if HAS_GATE:
+        oc = tl.load(OC + row_id * D + offs_d)
+        tl.store(DG + seq + tile, (do * oc[None, :]).to(DG.dtype.element_ty))
+        doc = tl.sum(do * tl.load(G + seq + tile).to(tl.float32), 0)
+    else:
+        doc = tl.sum(do, 0)
+    tl.store(DOC + row_id * D + offs_d, doc)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQC, DQ, IDX, NUM, BS, qk_scale, sm_scale, N, maxk,
+    D: tl.constexpr, USE_TMA: tl.constexpr, GB: tl.constexpr,
+):  # fmt: skip
+    """grid (cdiv(N, GB), BH): dQ of query blocks `blk0 ..` over their selected key blocks, plus the coarse
+    term dq_c / bs (`DQC` fp32 `[BH, N, D]`)."""
+    BM: tl.constexpr = 64 * GB
+    blk0 = tl.program_id(0) * GB
+    bh = tl.program_id(1).to(tl.int64)
+    seq_row = bh * N * 64
+    list_id = bh * N + blk0
+    offs_n = tl.arange(0, 64)
+    offs_d = tl.arange(0, D)
+    rows = blk0 * 64 + tl.arange(0, BM)
+    rmask = rows < N * 64
+    tile = (seq_row + rows)[:, None] * D + offs_d[None, :]
+    q = tl.load(Q + tile, mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + tile, mask=rmask[:, None], other=0.0)
+    lse = tl.load(LSE + seq_row + rows, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + seq_row + rows, mask=rmask, other=0.0)
+    n = tl.load(NUM + list_id)
+    idx_ptr = IDX + list_id * maxk
+    dq = tl.zeros([BM, D], tl.float32)
+    for t in range(0, n):
+        kb = tl.load(idx_ptr + t)
+        bias = tl.where(offs_n < tl.load(BS + kb), 0.0, float("-inf"))
+        k = _tile(K, seq_row + kb * 64, D, USE_TMA)
+        v = _tile(V, seq_row + kb * 64, D, USE_TMA)
+        s = tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None]
+        p = tl.exp2(s + bias[None, :])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    coarse = _rows_of(DQC, bh, N, blk0, rows, rmask, D, GB) / _sizes_of(BS, blk0, rows, rmask, GB)
+    tl.store(DQ + tile, (dq * sm_scale + coarse).to(DQ.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DKC, DVC, DK, DV, K2Q, K2QN, BS, qk_scale, sm_scale, N,
+    D: tl.constexpr, USE_TMA: tl.constexpr, GB: tl.constexpr,
+):  # fmt: skip
+    """grid (cdiv(N, GB), BH): dK, dV of key blocks `blk0 ..` over the query blocks that selected `blk0` (GB > 1
+    only when all key blocks share that list, i.e. topk == N), plus the coarse terms (`DKC`, `DVC` fp32
+    `[BH, N, D]`, divided by the block sizes here). Pad keys get only the coarse term."""
+    BM: tl.constexpr = 64 * GB
+    blk0 = tl.program_id(0) * GB
+    bh = tl.program_id(1).to(tl.int64)
+    seq_row = bh * N * 64
+    list_id = bh * N + blk0
+    offs_m = tl.arange(0, BM)
+    offs_n = tl.arange(0, 64)
+    offs_d = tl.arange(0, D)
+    rows = blk0 * 64 + offs_m
+    rmask = rows < N * 64
+    tile = (seq_row + rows)[:, None] * D + offs_d[None, :]
+    k = tl.load(K + tile, mask=rmask[:, None], other=0.0)
+    v = tl.load(V + tile, mask=rmask[:, None], other=0.0)
+    sizes = _sizes_of(BS, blk0, rows, rmask, GB)
+    key_ok = (offs_m % 64)[:, None] < sizes
+    n = tl.load(K2QN + list_id)
+    idx_ptr = K2Q + list_id * N
+    dk = tl.zeros([BM, D], tl.float32)
+    dv = tl.zeros([BM, D], tl.float32)
+    for t in range(0, n):
+        qb = tl.load(idx_ptr + t)
+        qrow = seq_row + qb * 64
+        q = _tile(Q, qrow, D, USE_TMA)
+        do = _tile(DO, qrow, D, USE_TMA)
+        lse = tl.load(LSE + qrow + offs_n)
+        delta = tl.load(DELTA + qrow + offs_n)
+        pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk)
+    dkc = _rows_of(DKC, bh, N, blk0, rows, rmask, D, GB) / sizes
+    dvc = _rows_of(DVC, bh, N, blk0, rows, rmask, D, GB) / sizes
+    dk = tl.where(key_ok, dk * sm_scale, 0.0) + dkc
+    dv = tl.where(key_ok, dv, 0.0) + dvc
+    tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=rmask[:, None])
+    tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=rmask[:, None])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dims(x: torch.Tensor) -> tuple[int, int, int]:
+    b, h, s, d = x.shape
+    return b * h, s // BLOCK, d
+
+
+def block_means(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_sizes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`[B, H, 64N, D]` x3 -> `[B, H, N, D]` x3 block means (input dtype); block_sizes int32 `[N]`."""
+    bh, n, d = _dims(q)
+    b, h = q.shape[:2]
+    qc, kc, vc = (_new((b, h, n, d), x) for x in (q, k, v))
+    _block_mean_kernel[(n, bh)](q, k, v, qc, kc, vc, block_sizes, n, D=d, num_warps=4)
+    return qc, kc, vc
+
+
+def coarse_select(
+    qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, topk: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coarse attention and exact top-k on `[B, H, N, D]` block means.
+
+    Returns `out_c` fp32 `[B,H,N,D]`, `scores` fp32 `[B,H,N,N]`, `sel` uint8 `[B,H,N,N]`,
+    `q2k_idx` int32 `[B,H,N,topk]` (ascending), `q2k_num` int32 `[B,H,N]`.
+    """
+    b, h, n, d = qc.shape
+    out_c = _new((b, h, n, d), qc, torch.float32)
+    scores = _new((b, h, n, n), qc, torch.float32)
+    sel = _new((b, h, n, n), qc, torch.uint8)
+    idx = _new((b, h, n, topk), qc, torch.int32)
+    num = _new((b, h, n), qc, torch.int32)
+    npad = max(16, triton.next_power_of_2(n))
+    bmc = 16
+    rows = max(1, min(bmc, 2048 // npad))
+    _coarse_kernel[(triton.cdiv(n, bmc), b * h)](
+        qc, kc, vc, out_c, scores, sel, idx, num, n, topk, scale,
+        D=d, BMC=bmc, BNC=64, NPAD=npad, R=rows, num_warps=4 if npad <= 2048 else 8,
+    )  # fmt: skip
+    return out_c, scores, sel, idx, num
+
+
+def build_k2q(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte mask `[B,H,Nq,Nk]` -> `k2q_idx` int32 `[B,H,Nk,Nq]` (ascending, first `k2q_num` valid), `k2q_num`."""
+    b, h, n, _ = sel.shape
+    k2q = _new((b, h, n, n), sel, torch.int32)
+    k2qn = _new((b, h, n), sel, torch.int32)
+    _k2q_kernel[(triton.cdiv(n, 64), b * h)](sel, k2q, k2qn, n, BC=64, RB=32, num_warps=4)
+    return k2q, k2qn
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need sm_90+, 16-byte aligned bases and int32 row offsets."""
+    if TensorDescriptor is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        if not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+            return False
+    return all(t.data_ptr() % 16 == 0 and t.numel() // t.shape[-1] < 2**31 for t in tensors)
+
+
+def _grouping(kernel: str, n: int, shared_lists: bool) -> tuple[dict[str, int], int]:
+    """(launch config, blocks per program) for `kernel`; grouping needs all lists to be the same."""
+    dense = CONFIGS[kernel + "_dense"]
+    if shared_lists and n > 1 and dense.get("group", 1) > 1:
+        return dense, dense["group"]
+    return CONFIGS[kernel], 1
+
+
+def _operands(cfg: dict[str, int], *tensors: torch.Tensor) -> tuple[bool, list]:
+    """The tiles' sources for a kernel: `[64, D]`-block descriptors over `[rows, D]` views, or the tensors."""
+    use_tma = bool(cfg["tma"]) and _tma_ok(*tensors)
+    if not use_tma:
+        return False, list(tensors)
+    return True, [TensorDescriptor.from_tensor(t.view(-1, t.shape[-1]), [64, t.shape[-1]]) for t in tensors]
+
+
+def sparse_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    out_c: torch.Tensor,
+    q2k_idx: torch.Tensor,
+    q2k_num: torch.Tensor,
+    block_sizes: torch.Tensor,
+    scale: float,
+    save_out_s: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fine stage + gate epilogue. Returns `out [B,H,S,D]`, `lse` fp32 `[B,H,S]` (base 2, of `s*scale*log2e`),
+    `out_s [B,H,S,D]` (empty unless `save_out_s`)."""
+    bh, n, d = _dims(q)
+    cfg, gb = _grouping("fwd", n, q2k_idx.shape[-1] == n)
+    out = _new(q.shape, q)
+    out_s = _new(q.shape, q) if save_out_s else q.new_empty(0)
+    lse = _new(q.shape[:3], q, torch.float32)
+    use_tma, (kt, vt) = _operands(cfg, k, v)
+    _fwd_kernel[(triton.cdiv(n, gb), bh)](
+        q, kt, vt, gate if gate is not None else q, out_c, out, out_s, lse, q2k_idx, q2k_num, block_sizes,
+        scale * LOG2E, n, q2k_idx.shape[-1],
+        D=d, HAS_GATE=gate is not None, SAVE_OS=save_out_s, USE_TMA=use_tma, GB=gb,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return out, lse, out_s
+
+
+def bwd_preprocess(
+    dout: torch.Tensor, out_s: torch.Tensor, gate: torch.Tensor | None, out_c: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Returns `delta` fp32 `[B,H,S]`, `d_gate [B,H,S,D]` (None without gate), `d_out_c` fp32 `[B,H,N,D]`."""
+    bh, n, d = _dims(dout)
+    delta = _new(dout.shape[:3], dout, torch.float32)
+    dgate = _new(gate.shape, gate) if gate is not None else None
+    doc = _new(out_c.shape, out_c)
+    _bwd_pre_kernel[(n, bh)](
+        out_s, dout, gate if gate is not None else dout, out_c, delta, dgate if dgate is not None else dout, doc,
+        n, D=d, HAS_GATE=gate is not None, num_warps=4,
+    )  # fmt: skip
+    return delta, dgate, doc
+
+
+def sparse_bwd_dq(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    dqc: torch.Tensor,
+    q2k_idx: torch.Tensor,
+    q2k_num: torch.Tensor,
+    block_sizes: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """dQ `[B,H,S,D]` of the fine stage plus `dqc / block_size` (`dqc` fp32 `[B,H,N,D]`, the gradient of the
+    block means) broadcast to each block's 64 rows."""
+    bh, n, d = _dims(q)
+    cfg, gb = _grouping("dq", n, q2k_idx.shape[-1] == n)
+    dq = _new(q.shape, q)
+    use_tma, (kt, vt) = _operands(cfg, k, v)
+    _bwd_dq_kernel[(triton.cdiv(n, gb), bh)](
+        q, kt, vt, dout, lse, delta, dqc, dq, q2k_idx, q2k_num, block_sizes, scale * LOG2E, scale, n,
+        q2k_idx.shape[-1], D=d, USE_TMA=use_tma, GB=gb, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return dq
+
+
+def sparse_bwd_dkdv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    dkc: torch.Tensor,
+    dvc: torch.Tensor,
+    k2q_idx: torch.Tensor,
+    k2q_num: torch.Tensor,
+    block_sizes: torch.Tensor,
+    scale: float,
+    shared_lists: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dK, dV `[B,H,S,D]`: fine stage over k2q lists (pad keys zero) plus `dkc / block_size`, `dvc / block_size`
+    (fp32 `[B,H,N,D]` gradients of the block means). `shared_lists`: every key block has the same list
+    (topk == N), so programs take two key blocks."""
+    bh, n, d = _dims(q)
+    cfg, gb = _grouping("dkdv", n, shared_lists)
+    dk, dv = _new(k.shape, k), _new(v.shape, v)
+    use_tma, (qt, dot) = _operands(cfg, q, dout)
+    _bwd_dkdv_kernel[(triton.cdiv(n, gb), bh)](
+        qt, k, v, dot, lse, delta, dkc, dvc, dk, dv, k2q_idx, k2q_num, block_sizes, scale * LOG2E, scale, n,
+        D=d, USE_TMA=use_tma, GB=gb, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return dk, dv

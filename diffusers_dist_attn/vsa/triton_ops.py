@@ -1,0 +1,271 @@
+"""Video Sparse Attention as `torch.library` custom ops backed by the Triton kernels in `triton_kernels.py`.
+
+Two ops in namespace `diffusers_dist_attn`, both with fake (meta) kernels, joined by `register_autograd`, so that
+`torch.compile(fullgraph=True)` traces a VSA call without a graph break:
+
+- `vsa_fwd(q, k, v, gate?, block_sizes, topk, scale, save_out_s)` -> `(out, lse, out_s, out_c, sel, q2k_idx,
+  q2k_num, q_c, k_c, v_c)`;
+- `vsa_bwd(dout, q, k, v, gate?, out_s, lse, out_c, sel, q2k_idx, q2k_num, q_c, k_c, v_c, block_sizes, scale)`
+  -> `(dq, dk, dv, dgate)` (`dgate` empty without a gate).
+
+On CUDA (bf16/fp16) they launch the Triton kernels; otherwise they run a plain-PyTorch mirror of the same algorithm
+(dense masked attention per head; meant for small CPU tests of the op plumbing, not for speed).
+
+Importing this module never needs Triton; `is_available()` says whether the CUDA path can run.
+"""
+
+import functools
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from .reference import block_mean, vsa_tiled_reference
+from .tiling import BLOCK
+
+__all__ = ["is_available", "vsa_tiled_triton", "topk_select_torch", "k2q_from_mask_torch", "coarse_backward"]
+
+LOG2E = 1.4426950408889634
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def is_available() -> bool:
+    """True when Triton is importable and a CUDA device is present (never raises)."""
+    try:
+        return importlib.util.find_spec("triton") is not None and bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - a broken CUDA/Triton install means "not available"
+        return False
+
+
+def _use_kernels(q: torch.Tensor) -> bool:
+    """Triton kernels on CUDA (bf16/fp16); also on CPU under `TRITON_INTERPRET=1` (debugging, tiny sizes)."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+    return q.dtype in _KERNEL_DTYPES and (q.is_cuda or interpret)
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+# --------------------------------------------------------------------------------------------------------------
+# plain-PyTorch pieces (shared by the CPU mirror and, for the tiny coarse backward, by the CUDA path)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def topk_select_torch(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exactly `topk` largest per row of `scores [B,H,Nq,Nk]`, ties to the lower index (the kernel's rule).
+
+    Returns `sel` uint8 `[B,H,Nq,Nk]`, `q2k_idx` int32 `[B,H,Nq,topk]` ascending, `q2k_num` int32 `[B,H,Nq]`.
+    """
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
+    idx = order.sort(dim=-1).values
+    sel = torch.zeros(scores.shape, dtype=torch.uint8, device=scores.device).scatter_(-1, idx, 1)
+    num = torch.full(scores.shape[:-1], topk, dtype=torch.int32, device=scores.device)
+    return sel, idx.to(torch.int32), num
+
+
+def k2q_from_mask_torch(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sel [B,H,Nq,Nk]` -> per key block the ascending query blocks that selected it: `k2q_idx` int32
+    `[B,H,Nk,Nq]` (first `k2q_num` entries valid) and `k2q_num` int32 `[B,H,Nk]`."""
+    t = sel.transpose(-1, -2).to(torch.int8)
+    idx = torch.sort(t, dim=-1, descending=True, stable=True).indices
+    return idx.to(torch.int32), t.sum(-1, dtype=torch.int32)
+
+
+def coarse_backward(
+    d_out_c: torch.Tensor, q_c: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `out_c = softmax(q_c k_c^T * scale) v_c` w.r.t. the block means (fp32, all `[B,H,N,D]`)."""
+    qf, kf, vf = (t.to(d_out_c.dtype) for t in (q_c, k_c, v_c))
+    p = ((qf @ kf.transpose(-1, -2)) * scale).softmax(-1)
+    dv = p.transpose(-1, -2) @ d_out_c
+    dp = d_out_c @ vf.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    return (ds @ kf) * scale, (ds.transpose(-1, -2) @ qf) * scale, dv
+
+
+def _rep64(x: torch.Tensor) -> torch.Tensor:
+    """`[B,H,N,D]` -> `[B,H,64N,D]`, each block row repeated over its 64 slots."""
+    return x.repeat_interleave(BLOCK, dim=2)
+
+
+def _token_mask(sel: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
+    """Selected blocks expanded to tokens, pad keys excluded: bool `[B,H,S,S]`."""
+    key_ok = (torch.arange(BLOCK, device=sel.device) < block_sizes.to(sel.device)[:, None]).reshape(-1)
+    return sel.bool().repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1) & key_ok
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Upcast to the mirror's accumulation dtype (fp32, or fp64 for fp64 inputs)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _fwd_torch(q, k, v, gate, block_sizes, topk, scale, save_out_s):
+    qc, kc, vc = (block_mean(t, block_sizes) for t in (q, k, v))
+    scores = (_acc(qc) @ _acc(kc).transpose(-1, -2)) * scale
+    out_c = (scores.softmax(-1) @ _acc(vc)).float()
+    sel, idx, num = topk_select_torch(scores, topk)
+    logits = (_acc(q) @ _acc(k).transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~_token_mask(sel, block_sizes), float("-inf"))
+    out_s = logits.softmax(-1) @ _acc(v)
+    lse = (torch.logsumexp(logits, -1) * LOG2E).float()
+    out = out_s + (_rep64(out_c) if gate is None else _rep64(out_c) * _acc(gate))
+    out_s = out_s.to(q.dtype) if save_out_s else q.new_empty(0)
+    return out.to(q.dtype), lse, out_s, out_c, sel, idx, num, qc, kc, vc
+
+
+def _bwd_torch(dout, q, k, v, gate, out_s, lse, out_c, sel, q_c, k_c, v_c, block_sizes, scale):
+    b, h, s, d = q.shape
+    qf, kf, vf, dof = (_acc(t) for t in (q, k, v, dout))
+    logits = (qf @ kf.transpose(-1, -2)) * scale
+    p = torch.where(_token_mask(sel, block_sizes), torch.exp2(logits * LOG2E - lse[..., None]), 0.0)
+    delta = (dof * _acc(out_s)).sum(-1, keepdim=True)
+    ds = p * (dof @ vf.transpose(-1, -2) - delta)
+    dq, dk, dv = (ds @ kf) * scale, (ds.transpose(-1, -2) @ qf) * scale, p.transpose(-1, -2) @ dof
+    key_ok = (torch.arange(BLOCK, device=q.device) < block_sizes.to(q.device)[:, None]).reshape(-1, 1)
+    dk, dv = dk * key_ok, dv * key_ok
+    weighted = dof if gate is None else dof * _acc(gate)
+    d_out_c = weighted.view(b, h, s // BLOCK, BLOCK, d).sum(3)
+    dgate = (dof * _rep64(out_c)).to(gate.dtype) if gate is not None else q.new_empty(0)
+    inv = 1.0 / block_sizes.to(q.device, d_out_c.dtype)[:, None]
+    dqc, dkc, dvc = (g * inv for g in coarse_backward(d_out_c, q_c, k_c, v_c, scale))
+    dq, dk, dv = dq + _rep64(dqc), dk + _rep64(dkc), dv + _rep64(dvc)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate
+
+
+# --------------------------------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------------------------------
+
+_FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? gate, Tensor block_sizes, int topk, float scale, bool save_out_s)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? gate, Tensor out_s, Tensor lse, Tensor out_c,"
+    " Tensor sel, Tensor q2k_idx, Tensor q2k_num, Tensor q_c, Tensor k_c, Tensor v_c, Tensor block_sizes,"
+    " float scale) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("diffusers_dist_attn::vsa_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _vsa_fwd(q, k, v, gate, block_sizes, topk, scale, save_out_s):
+    """VSA forward on tiled `[B,H,64N,D]`; see the module docstring for the outputs."""
+    if not _use_kernels(q):
+        return _fwd_torch(q, k, v, gate, block_sizes, topk, scale, save_out_s)
+    kern = _kernels()
+    qc, kc, vc = kern.block_means(q, k, v, block_sizes)
+    out_c, _, sel, idx, num = kern.coarse_select(qc, kc, vc, topk, scale)
+    out, lse, out_s = kern.sparse_fwd(q, k, v, gate, out_c, idx, num, block_sizes, scale, save_out_s)
+    return out, lse, out_s, out_c, sel, idx, num, qc, kc, vc
+
+
+@_vsa_fwd.register_fake
+def _vsa_fwd_fake(q, k, v, gate, block_sizes, topk, scale, save_out_s):
+    b, h, s, d = q.shape
+    n = s // BLOCK
+    f32, i32 = torch.float32, torch.int32
+    return (
+        torch.empty_like(q),
+        q.new_empty(b, h, s, dtype=f32),
+        torch.empty_like(q) if save_out_s else q.new_empty(0),
+        q.new_empty(b, h, n, d, dtype=f32),
+        q.new_empty(b, h, n, n, dtype=torch.uint8),
+        q.new_empty(b, h, n, topk, dtype=i32),
+        q.new_empty(b, h, n, dtype=i32),
+        q.new_empty(b, h, n, d),
+        k.new_empty(b, h, n, d),
+        v.new_empty(b, h, n, d),
+    )
+
+
+@torch.library.custom_op("diffusers_dist_attn::vsa_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _vsa_bwd(dout, q, k, v, gate, out_s, lse, out_c, sel, q2k_idx, q2k_num, q_c, k_c, v_c, block_sizes, scale):
+    """VSA backward: `(dq, dk, dv, dgate)`, `dgate` empty when `gate` is None."""
+    if not _use_kernels(q):
+        return _bwd_torch(dout, q, k, v, gate, out_s, lse, out_c, sel, q_c, k_c, v_c, block_sizes, scale)
+    kern = _kernels()
+    delta, dgate, d_out_c = kern.bwd_preprocess(dout, out_s, gate, out_c)
+    dqc, dkc, dvc = coarse_backward(d_out_c, q_c, k_c, v_c, scale)  # divided by the block sizes in-kernel
+    dq = kern.sparse_bwd_dq(q, k, v, dout, lse, delta, dqc, q2k_idx, q2k_num, block_sizes, scale)
+    k2q, k2q_num = kern.build_k2q(sel)
+    dense = q2k_idx.shape[-1] == q_c.shape[2]
+    dk, dv = kern.sparse_bwd_dkdv(q, k, v, dout, lse, delta, dkc, dvc, k2q, k2q_num, block_sizes, scale, dense)
+    return dq, dk, dv, dgate if dgate is not None else q.new_empty(0)
+
+
+@_vsa_bwd.register_fake
+def _vsa_bwd_fake(dout, q, k, v, gate, out_s, lse, out_c, sel, q2k_idx, q2k_num, q_c, k_c, v_c, block_sizes, scale):
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(gate) if gate is not None else q.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, gate, block_sizes, _topk, scale, _save = inputs
+    _out, lse, out_s, out_c, sel, idx, num, qc, kc, vc = output
+    ctx.scale = scale
+    ctx.has_gate = gate is not None
+    ctx.set_materialize_grads(False)  # the auxiliary outputs never get gradients; skip zero-filling them
+    ctx.save_for_backward(q, k, v, gate, block_sizes, out_s, lse, out_c, sel, idx, num, qc, kc, vc)
+
+
+def _backward(ctx, dout, *_unused):
+    if dout is None:
+        return None, None, None, None, None, None, None, None
+    q, k, v, gate, block_sizes, out_s, lse, out_c, sel, idx, num, qc, kc, vc = ctx.saved_tensors
+    if out_s.numel() == 0:
+        raise RuntimeError("vsa_fwd ran with save_out_s=False (no grad was required); cannot differentiate it")
+    dq, dk, dv, dgate = torch.ops.diffusers_dist_attn.vsa_bwd(
+        dout.contiguous(), q, k, v, gate, out_s, lse, out_c, sel, idx, num, qc, kc, vc, block_sizes, ctx.scale
+    )
+    return dq, dk, dv, (dgate if ctx.has_gate else None), None, None, None, None
+
+
+_vsa_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def vsa_tiled_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    block_sizes: torch.Tensor,
+    topk: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Video Sparse Attention on tiled `[B, H, 64*N, D]` tensors; same contract as `vsa_tiled_reference`.
+
+    `block_sizes` int `[N]` (1..64 real tokens per block), `gate [B,H,64N,D]` or None, exactly `topk` key blocks
+    per query block (ties to the lower block index). Differentiable in q, k, v and gate. bf16/fp16 run the
+    Triton kernels on CUDA; other dtypes fall back to the reference.
+    """
+    b, h, s, d = q.shape
+    if s % BLOCK or k.shape != q.shape or v.shape != q.shape or (gate is not None and gate.shape != q.shape):
+        raise ValueError(f"q, k, v, gate must share a [B, H, 64*N, D] shape; got {q.shape}, {k.shape}, {v.shape}")
+    n = s // BLOCK
+    if block_sizes.numel() != n:
+        raise ValueError(f"block_sizes has {block_sizes.numel()} entries for {n} blocks")
+    if not 1 <= topk <= n:
+        raise ValueError(f"topk must be in [1, {n}], got {topk}")
+    scale = d**-0.5 if scale is None else float(scale)
+    if q.dtype not in _KERNEL_DTYPES:
+        return vsa_tiled_reference(q, k, v, gate, block_sizes, topk, scale)
+    tensors = (q, k, v) if gate is None else (q, k, v, gate)
+    save_out_s = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    gate = None if gate is None else gate.contiguous()
+    sizes = block_sizes.to(device=q.device, dtype=torch.int32).contiguous()
+    return torch.ops.diffusers_dist_attn.vsa_fwd(q, k, v, gate, sizes, int(topk), scale, save_out_s)[0]

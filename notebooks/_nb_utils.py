@@ -1,0 +1,181 @@
+"""Small helpers shared by the notebooks (kept out of the cells so they stay short).
+
+- `REPO`, `RESULTS`: the repository root and `benchmarks/results/`.
+- `free_port()`: a free TCP port for `notebook_launcher(use_port=...)`.
+- `gpu_count()`: CUDA devices, without initialising CUDA in the notebook process (fork-safe).
+- `measure(fn, device)`: run `fn()` once; return `(result, seconds, peak MiB)`. On CUDA the peak is
+  `torch.cuda.max_memory_allocated` above the allocation before the call; on CPU it is the peak resident set size
+  (sampled every millisecond from `/proc/self/statm`) above the RSS before the call.
+- `vsa_benchmarks()`, `load_vsa_benchmark(path)`, `plot_vsa_speed(bench)`: read and plot the GPU VSA benchmark
+  JSON written by `benchmarks/bench_vsa.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+__all__ = ["REPO", "RESULTS", "free_port", "gpu_count", "measure", "vsa_benchmarks", "load_vsa_benchmark", "plot_vsa_speed"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gpu_count() -> int:
+    """CUDA devices, counted through NVML so that CUDA stays uninitialised (forked workers can still use it)."""
+    old = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    try:
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    finally:
+        if old is None:
+            os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK")
+        else:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = old
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # not Linux: fall back to the (monotone) peak RSS
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+_MALLOC_TUNED = False
+
+
+def _tune_malloc() -> None:
+    """glibc: serve allocations >= 64 KiB with mmap and give freed memory back at once, so RSS tracks live tensors
+    (by default freed memory stays in malloc's arenas and a second measurement would see no growth)."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (a fixed value also stops glibc from raising it)
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak is coarser but still an upper bound
+        pass
+
+
+def measure(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[Any, float, float]:
+    """`(fn(), wall seconds, peak MiB above the starting point)`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        return out, seconds, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    _tune_malloc()
+    base = peak = _rss_bytes()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        out = fn()
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
+    peak = max(peak, _rss_bytes())
+    return out, seconds, (peak - base) / 2**20
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The GPU VSA benchmark (benchmarks/bench_vsa.py -> benchmarks/results/vsa_bench_<tag>.json)
+# ----------------------------------------------------------------------------------------------------------------
+def vsa_benchmarks() -> list[Path]:
+    """The VSA benchmark JSON files, newest first."""
+    return sorted(RESULTS.glob("vsa_*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _shape_label(shape: Any) -> str:
+    if isinstance(shape, (list, tuple)) and len(shape) == 4:
+        return "B{} H{} S{} D{}".format(*shape)
+    return str(shape)
+
+
+def load_vsa_benchmark(path: Path | str) -> dict:
+    """`{"path", "card", "date", "rows": [{"shape", "label", "fwd_ms", "fwdbwd_ms", "x_cudnn"}]}` from one JSON file.
+
+    Layout written by `benchmarks/bench_vsa.py`: `meta.card`, `meta.date`, and `rows` with `shape [B, H, S, D]`,
+    `method`, `sparsity` (null for dense), `fwd_ms`, `fwdbwd_ms`, `fwd_x_cudnn`.
+    """
+    path = Path(path)
+    data = json.loads(path.read_text())
+    meta = data.get("meta", {}) if isinstance(data, dict) else {}
+    rows = []
+    for r in data.get("rows", []) if isinstance(data, dict) else []:
+        if not isinstance(r, dict) or not isinstance(r.get("fwd_ms"), (int, float)):
+            continue
+        method = str(r.get("method", r.get("name", "?")))
+        sparsity = r.get("sparsity")
+        rows.append({
+            "shape": _shape_label(r.get("shape")),
+            "label": method if sparsity is None else f"{method} s={sparsity:g}",
+            "fwd_ms": float(r["fwd_ms"]),
+            "fwdbwd_ms": r.get("fwdbwd_ms"),
+            "x_cudnn": r.get("fwd_x_cudnn"),
+        })
+    return {
+        "path": path,
+        "card": meta.get("card") or meta.get("gpu") or "unknown card",
+        "date": meta.get("date") or "unknown date",
+        "dtype": meta.get("dtype", ""),
+        "rows": rows,
+    }
+
+
+def plot_vsa_speed(bench: dict):
+    """One panel per shape: forward and forward+backward medians (ms) per method."""
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in bench["rows"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 3.2), squeeze=False, layout="constrained")
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        rows = [r for r in bench["rows"] if r["shape"] == shape]
+        ys = range(len(rows))
+        fwd = ax.barh([y - 0.2 for y in ys], [r["fwd_ms"] for r in rows], 0.4, label="forward")
+        both = ax.barh([y + 0.2 for y in ys], [r["fwdbwd_ms"] or 0.0 for r in rows], 0.4, label="forward + backward")
+        for bars in (fwd, both):
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        ax.set_yticks(list(ys), [r["label"] for r in rows], fontsize=8)
+        ax.invert_yaxis()
+        ax.margins(x=0.12)
+        ax.set(xlabel="median time (ms)", title=f"{shape} {bench['dtype']}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"VSA vs dense attention on {bench['card']} ({bench['date']})")
+    return fig
