@@ -147,8 +147,12 @@ def _stage_state(shape, sparsity) -> dict:
     st = {"key": key, "q": q, "k": k, "v": v, "g": g, "topk": topk_for_sparsity(sparsity, n), "scale": shape[3] ** -0.5}
     st["bs"] = torch.full((n,), 64, device="cuda", dtype=torch.int32)
     st["qc"], st["kc"], st["vc"] = kern.block_means(q, k, v, st["bs"])
-    st["out_c"], _, st["sel"], st["idx"], st["num"] = kern.coarse_select(st["qc"], st["kc"], st["vc"], st["topk"], st["scale"])
-    st["out"], st["lse"], st["out_s"] = kern.sparse_fwd(q, k, v, g, st["out_c"], st["idx"], st["num"], st["bs"], st["scale"], True)
+    st["out_c"], _, st["sel"], st["idx"], st["num"] = kern.coarse_select(
+        st["qc"], st["kc"], st["vc"], st["topk"], st["scale"]
+    )
+    st["out"], st["lse"], st["out_s"] = kern.sparse_fwd(
+        q, k, v, g, st["out_c"], st["idx"], st["num"], st["bs"], st["scale"], True
+    )
     st["dout"] = torch.randn_like(q)
     st["delta"], _, st["doc"] = kern.bwd_preprocess(st["dout"], st["out_s"], g, st["out_c"])
     st["dqc"], st["dkc"], st["dvc"] = triton_ops.coarse_backward(st["doc"], st["qc"], st["kc"], st["vc"], st["scale"])
@@ -248,7 +252,9 @@ def sweep(shape, sparsity, which: str) -> dict:
         default = dict(kern.CONFIGS[kernel])
         first = fn()
         rows = []
-        candidates = [{"tma": t, "num_warps": w, "num_stages": s, **({"group": 2} if dense else {})} for t, w, s in space]
+        candidates = [
+            {"tma": t, "num_warps": w, "num_stages": s, **({"group": 2} if dense else {})} for t, w, s in space
+        ]
         if dense:
             candidates.append({**default, "group": 1})
         for cfg in candidates:
@@ -274,7 +280,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def run(shapes, sparsities, sparsity0_shapes, out_dir: Path, tag: str, do_sweep: str | None, do_breakdown: bool) -> dict:
+def run(
+    shapes, sparsities, sparsity0_shapes, out_dir: Path, tag: str, do_sweep: str | None, do_breakdown: bool
+) -> dict:
     from diffusers_dist_attn.vsa import triton_kernels as kern
 
     card = torch.cuda.get_device_name()
@@ -418,4 +426,3 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -24,8 +24,10 @@ def _inputs(grid, b, h, d, dtype, *, seed=0, requires_grad=False):
     valid = (torch.arange(64)[None] < layout.block_sizes[:, None]).reshape(1, 1, s, 1)
 
     def draw():
-        return (torch.randn(b, h, s, d, generator=gen, dtype=torch.float64) * valid).to(dtype).requires_grad_(
-            requires_grad
+        return (
+            (torch.randn(b, h, s, d, generator=gen, dtype=torch.float64) * valid)
+            .to(dtype)
+            .requires_grad_(requires_grad)
         )
 
     return draw(), draw(), draw(), draw(), layout.block_sizes

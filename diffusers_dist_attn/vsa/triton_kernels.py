@@ -13,7 +13,10 @@ Launchers (each one or two kernel launches; `BH = B*H`):
   come through TMA descriptors on sm_90+ (`CONFIGS[...]["tma"]`).
 - `build_k2q(sel)`: for every key block, the ascending list of query blocks that selected it (backward).
 - `bwd_preprocess`, `sparse_bwd_dq`, `sparse_bwd_dkdv`: the backward (FA2 style: dQ over q2k, dK/dV over k2q),
-  with the coarse-stage gradients (already divided by the block sizes) added in the epilogues.
+  with the coarse-stage gradients (divided by the block sizes in-kernel) added in the epilogues.
+
+Measured on an H100 (see `benchmarks/NOTES.md`): the fine kernels are bound by the L2->SM traffic of the gathered
+64-row tiles (each K/V tile serves one 64-row query block).
 
 All matmuls take bf16/fp16 operands with fp32 accumulation; head_dim D in {64, 128} (any power of two >= 16 works).
 """

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device call on a 4-GPU machine: Wan pipeline benchmark (1, 2, 4 GPUs; hybrid ring layouts at 4),
+# HunyuanVideo benchmark (1, 2, 4 GPUs) and the `generate` main job on the real Wan 1.3B shape.
+# Everything lands in $OUT/multi_<PHASE>.tar.gz (+ multi.log). diffusers travels as a wheel in .carry/wheels/.
+#   PHASE=a|b|all OUT=/tmp/out bash benchmarks/run_gpu_multi.sh
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+OUT="${OUT:-/tmp/multi_out}"
+RES="$OUT/res"
+mkdir -p "$RES/hunyuan" "$RES/generate"
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/multi.log"; }
+python3 -m pip install -q --no-deps --no-index .carry/wheels/diffusers-*.whl >>"$OUT/multi.log" 2>&1 || log "diffusers install failed"
+nvidia-smi --query-gpu=name,driver_version --format=csv | tee -a "$OUT/multi.log"
+NGPU=$(nvidia-smi -L | wc -l)
+step() {  # step SECONDS NAME COMMAND...
+  local limit=$1 name=$2; shift 2
+  log "start $name"
+  timeout "$limit" "$@" >>"$OUT/$name.log" 2>&1
+  log "end $name (exit $?)"
+  tail -n 12 "$OUT/$name.log" | tee -a "$OUT/multi.log"
+}
+TR="torchrun --standalone"
+BP="benchmarks/bench_pipeline.py --out $RES --work-dir /tmp/dda_work ${BP_ARGS:-}"
+HB="benchmarks/bench_hunyuan_gpu.py --out $RES/hunyuan --check"
+GEN="-m diffusers_dist_attn generate --preset wan2.1-t2v-1.3b --height 480 --width 832 --num-frames 81 --steps 3 --dtype bf16 --format png"
+PHASE="${PHASE:-all}"
+if [ "$PHASE" = a ] || [ "$PHASE" = all ]; then  # Wan: 1, 2, 4 GPUs; generate on 4
+  step 130 wan1 $TR --nproc_per_node 1 $BP
+  [ "$NGPU" -ge 2 ] && step 100 wan2 $TR --nproc_per_node 2 $BP
+  [ "$NGPU" -ge 4 ] && step 100 wan4 $TR --nproc_per_node 4 $BP
+  [ "$NGPU" -ge 4 ] && step 100 gen4 $TR --nproc_per_node 4 $GEN --output-dir "$RES/generate" --name wan1.3b_480p_sp4
+fi
+if [ "$PHASE" = b ] || [ "$PHASE" = all ]; then  # HunyuanVideo 1, 2, 4 GPUs; hybrid ring layouts at 4
+  for n in 1 2 4; do [ "$NGPU" -ge $n ] && step 70 "hv$n" $TR --nproc_per_node $n $HB; done
+  [ "$NGPU" -ge 4 ] && step 60 wan4r2 $TR --nproc_per_node 4 $BP --ring 2 --no-backward --sparsity
+  [ "$NGPU" -ge 4 ] && step 60 wan4r4 $TR --nproc_per_node 4 $BP --ring 4 --no-backward --sparsity
+fi
+python3 benchmarks/bench_pipeline.py --plot "$RES" >"$RES/pipeline_table.md" 2>&1
+cat "$RES/pipeline_table.md" | tee -a "$OUT/multi.log"
+rm -f "$RES"/generate/*.png
+tar -czf "$OUT/multi_$PHASE.tar.gz" -C "$RES" . 2>/dev/null
+log "done"
