@@ -90,9 +90,14 @@ def _measure(name, model, inputs, args, device) -> dict:
             model(**inputs)[0].float().square().mean().backward()
             model.zero_grad(set_to_none=True)
 
-        bwd = _time(step, max(args.iters // 2, 2), 1)
-        result.update(fwdbwd_ms=statistics.median(bwd), fwdbwd_all_ms=bwd,
-                      fwdbwd_peak_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+        try:
+            bwd = _time(step, max(args.iters // 2, 2), 1)
+            result.update(fwdbwd_ms=statistics.median(bwd), fwdbwd_all_ms=bwd,
+                          fwdbwd_peak_gib=torch.cuda.max_memory_allocated(device) / 2**30)
+        except torch.OutOfMemoryError:  # e.g. the 1.3B model at 480p without activation checkpointing on 1 GPU
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            result.update(fwdbwd_ms=None, fwdbwd_error="out of memory")
     return result, out
 
 
@@ -142,7 +147,7 @@ def run(args) -> None:
         path = out_dir / f"pipeline_{args.model}_{args.resolution}_{config['num_layers']}l_{world}gpu{ring}.json"
         path.write_text(json.dumps(record, indent=1))
         for r in results:
-            print(f"{world} GPU {r['variant']:>16}: fwd {r['fwd_ms']:8.1f} ms  fwd+bwd {r.get('fwdbwd_ms', float('nan')):8.1f} ms"
+            print(f"{world} GPU {r['variant']:>16}: fwd {r['fwd_ms']:8.1f} ms  fwd+bwd {r.get('fwdbwd_ms') or float('nan'):8.1f} ms"
                   f"  peak {r.get('fwdbwd_peak_gib', r['fwd_peak_gib']):6.2f} GiB"
                   + (f"  diff {r['max_abs_diff_vs_stock_1gpu']:.3g}" if "max_abs_diff_vs_stock_1gpu" in r else ""))
 
@@ -171,7 +176,7 @@ def plot(folder: str) -> None:
                 speed = f"{base / r['fwd_ms']:.2f}x" if base else "-"
                 peak = r.get("fwdbwd_peak_gib", r["fwd_peak_gib"])
                 lines.append(f"| {gpus} | {r['variant']} | {r['fwd_ms']:.1f} | {speed} | {eff} | "
-                             f"{r.get('fwdbwd_ms', float('nan')):.1f} | {peak:.2f} |")
+                             f"{r.get('fwdbwd_ms') or float('nan'):.1f} | {peak:.2f} |")
     print("\n".join(lines))
     try:
         import matplotlib

@@ -31,6 +31,8 @@ if [ "$PHASE" = a ] || [ "$PHASE" = all ]; then  # Wan: 1, 2, 4 GPUs; generate o
   [ "$NGPU" -ge 4 ] && step 100 gen4 $TR --nproc_per_node 4 $GEN --output-dir "$RES/generate" --name wan1.3b_480p_sp4
 fi
 if [ "$PHASE" = b ] || [ "$PHASE" = all ]; then  # HunyuanVideo 1, 2, 4 GPUs; hybrid ring layouts at 4
+  step 100 wan1 $TR --nproc_per_node 1 $BP --no-backward  # 1 GPU: fwd+bwd of the 1.3B model at 480p does not fit
+  [ "$NGPU" -ge 4 ] && step 90 gen4 $TR --nproc_per_node 4 $GEN --output-dir "$RES/generate" --name wan1.3b_480p_sp4
   for n in 1 2 4; do [ "$NGPU" -ge $n ] && step 70 "hv$n" $TR --nproc_per_node $n $HB; done
   [ "$NGPU" -ge 4 ] && step 60 wan4r2 $TR --nproc_per_node 4 $BP --ring 2 --no-backward --sparsity
   [ "$NGPU" -ge 4 ] && step 60 wan4r4 $TR --nproc_per_node 4 $BP --ring 4 --no-backward --sparsity

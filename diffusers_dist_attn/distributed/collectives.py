@@ -30,7 +30,23 @@ import torch.nn.functional as F
 
 # torch >= 2.13 renamed the all-gathers (`*_tensor` -> `*_single`); take whichever this torch has.
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+_all_gather_autograd_op = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
+
+def _needs_autograd(x: torch.Tensor) -> bool:
+    # The autograd variants have no kernel under `torch.inference_mode()` (NotImplementedError on CUDA), and the
+    # plain ones are cheaper whenever no gradient can flow.
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _all_to_all(x: torch.Tensor, output_splits, input_splits, group) -> torch.Tensor:
+    op = funcol.all_to_all_single_autograd if _needs_autograd(x) else funcol.all_to_all_single
+    return _waited(op(x, output_splits, input_splits, group))
+
+
+def _all_gather_autograd(x: torch.Tensor, gather_dim: int, group) -> torch.Tensor:
+    op = _all_gather_autograd_op if _needs_autograd(x) else _all_gather
+    return _waited(op(x, gather_dim=gather_dim, group=group))
 
 __all__ = [
     "group_size",
@@ -114,7 +130,7 @@ def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch
     send = x.permute(2, 1, 0, 3).contiguous().flatten()  # [H, S_loc, B, D]: heads of rank j are contiguous
     unit = s_loc * b * d
     even = h % world == 0
-    recv = funcol.all_to_all_single_autograd(
+    recv = _all_to_all(
         send, None if even else [h_me * unit] * world, None if even else [n * unit for n in splits], group
     )
     recv = recv.reshape(world, h_me, s_loc, b, d)  # chunk j from rank j
@@ -139,7 +155,7 @@ def heads_to_sequence(
     send = x.reshape(b, world, s_loc, h_me, d).permute(1, 3, 2, 0, 4).contiguous().flatten()  # [P, H_r, S_loc, B, D]
     unit = s_loc * b * d
     even = len(set(splits)) == 1
-    recv = funcol.all_to_all_single_autograd(
+    recv = _all_to_all(
         send, None if even else [n * unit for n in splits], None if even else [h_me * unit] * world, group
     )
     recv = recv.reshape(sum(splits), s_loc, b, d)  # heads in global order
@@ -156,12 +172,12 @@ def all_gather_heads(x: torch.Tensor, group: dist.ProcessGroup | None, num_heads
     if world == 1:
         return x
     if num_heads is None or num_heads == world * x.shape[2]:
-        return _waited(_all_gather_autograd(x.contiguous(), gather_dim=2, group=group))
+        return (_all_gather_autograd(x.contiguous(), gather_dim=2, group=group))
     b, length, h_me, d = x.shape
     splits = head_split(num_heads, world)
     unit = length * b * d
     send = x.permute(2, 1, 0, 3).reshape(1, -1).expand(world, -1).flatten()  # my heads, once per peer
-    recv = funcol.all_to_all_single_autograd(send, [n * unit for n in splits], [h_me * unit] * world, group)
+    recv = _all_to_all(send, [n * unit for n in splits], [h_me * unit] * world, group)
     return recv.reshape(num_heads, length, b, d).permute(2, 1, 0, 3)
 
 
@@ -228,5 +244,5 @@ def gather_sequence(
     """All-gather the shards along `dim` (rank order) and trim to `original_length`."""
     if group_size(group) == 1:
         return x if original_length is None else x.narrow(dim, 0, original_length)
-    full = _waited(_all_gather_autograd(x.contiguous(), gather_dim=dim, group=group))
+    full = (_all_gather_autograd(x.contiguous(), gather_dim=dim, group=group))
     return full if original_length is None else full.narrow(dim, 0, original_length)
