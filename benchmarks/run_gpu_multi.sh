@@ -39,6 +39,6 @@ if [ "$PHASE" = b ] || [ "$PHASE" = all ]; then  # HunyuanVideo 1, 2, 4 GPUs; hy
 fi
 python3 benchmarks/bench_pipeline.py --plot "$RES" >"$RES/pipeline_table.md" 2>&1
 cat "$RES/pipeline_table.md" | tee -a "$OUT/multi.log"
-rm -f "$RES"/generate/*.png
+rm -rf "$RES"/generate/*/ "$RES"/generate/*.png
 tar -czf "$OUT/multi_$PHASE.tar.gz" -C "$RES" . 2>/dev/null
 log "done"

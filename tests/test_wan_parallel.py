@@ -266,3 +266,21 @@ def test_a14b_pipeline_both_transformers_with_cpu_offload():
         assert r["parallelized"] == ["transformer", "transformer_2"]
         assert r["calls"]["transformer"] > 0 and r["calls"]["transformer_2"] > 0, r["calls"]
         assert r["max_err"] <= TOL, r
+
+
+def _single_process_groups_inside_a_job(rank: int, world: int) -> float:
+    """`parallelize(..., groups=SequenceParallelGroups())` runs without communication even while the current
+    groups span the whole job (e.g. a per-rank reference run inside a launched job)."""
+    from diffusers_dist_attn.distributed import SequenceParallelGroups
+
+    model, inputs = build_case("t2v")
+    with torch.no_grad():
+        reference = _forward(model, inputs)
+        with parallelize(model, attention="dense", groups=SequenceParallelGroups()):
+            result = _forward(model, inputs)
+    return float((result - reference).abs().max())
+
+
+def test_single_process_groups_inside_a_launched_job():
+    for err in run_distributed(2, _single_process_groups_inside_a_job):
+        assert err <= 1e-5

@@ -23,7 +23,7 @@ from ..distributed.collectives import (
     heads_to_sequence,
     sequence_to_heads,
 )
-from ..distributed.groups import get_sequence_parallel_groups, sp_layout
+from ..distributed.groups import SINGLE_PROCESS, get_sequence_parallel_groups, sp_layout
 from ..distributed.ring import ring_attention
 from ..vsa.dispatch import vsa_tiled
 from ..vsa.tiling import tile, tile_layout, topk_for_sparsity, untile
@@ -159,6 +159,9 @@ class DistributedAttention(_AttentionBase):
         self.prefix = prefix
 
     def _group(self) -> dist.ProcessGroup | None:
+        """`process_group`: None = the current SP group; `SINGLE_PROCESS` = no communication."""
+        if self.process_group is SINGLE_PROCESS:
+            return None
         return self.process_group if self.process_group is not None else get_sequence_parallel_groups().sp_group
 
     def _layout(self) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:

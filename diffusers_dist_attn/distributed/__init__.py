@@ -13,6 +13,7 @@ from .collectives import (
     shard_sequence,
 )
 from .groups import (
+    SINGLE_PROCESS,
     SequenceParallelGroups,
     destroy_sequence_parallel,
     get_sequence_parallel_groups,
@@ -25,6 +26,7 @@ from .planner import DegreePlan, plan_degrees
 from .ring import ring_attention
 
 __all__ = [
+    "SINGLE_PROCESS",
     "SequenceParallelGroups",
     "init_sequence_parallel",
     "get_sequence_parallel_groups",

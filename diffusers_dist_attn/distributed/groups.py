@@ -27,6 +27,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "SINGLE_PROCESS",
     "SequenceParallelGroups",
     "init_sequence_parallel",
     "get_sequence_parallel_groups",
@@ -35,6 +36,16 @@ __all__ = [
     "valid_degrees",
     "sp_layout",
 ]
+
+
+class _SingleProcess:
+    """Sentinel for a layer's `process_group`: run without any communication, whatever groups are current."""
+
+    def __repr__(self) -> str:
+        return "SINGLE_PROCESS"
+
+
+SINGLE_PROCESS = _SingleProcess()
 
 
 def valid_degrees(n: int, limit: int | None = None) -> list[int]:

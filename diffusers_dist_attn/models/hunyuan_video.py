@@ -123,7 +123,7 @@ class HunyuanVideoDistributedAttnProcessor:
         if state is None and (attention == "vsa" or get_sequence_parallel_groups().sp_size > 1):
             raise ValueError(f"{name}: without a ShardingState the processor runs dense on one process; use "
                              "diffusers_dist_attn.models.parallelize(...) for sequence parallelism or VSA")
-        group = state.sp_group if state is not None else None
+        group = state.layer_group if state is not None else None
         layer_args = {"process_group": group, "default_backend": backend, "prefix": name}
         self.dense = DistributedAttention(num_heads, head_dim, **layer_args)
         self.sparse = DistributedAttention_VSA(num_heads, head_dim, **layer_args) if attention == "vsa" else None

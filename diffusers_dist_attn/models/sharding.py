@@ -49,7 +49,12 @@ from torch import nn
 
 from ..attention.validation import check_head_split, check_sparsity
 from ..distributed.collectives import gather_sequence, padded_length, shard_sequence
-from ..distributed.groups import SequenceParallelGroups, get_sequence_parallel_groups, init_sequence_parallel
+from ..distributed.groups import (
+    SINGLE_PROCESS,
+    SequenceParallelGroups,
+    get_sequence_parallel_groups,
+    init_sequence_parallel,
+)
 
 __all__ = [
     "ShardInput",
@@ -203,6 +208,12 @@ class ShardingState:
     @property
     def sp_group(self) -> dist.ProcessGroup | None:
         return self.groups.sp_group
+
+    @property
+    def layer_group(self) -> dist.ProcessGroup | object:
+        """What the attention layers take as `process_group`: the SP group, or `SINGLE_PROCESS` at P = 1 (so a
+        single-process state never falls back to the current, possibly larger, groups)."""
+        return self.groups.sp_group if self.groups.sp_size > 1 else SINGLE_PROCESS
 
     @property
     def sp_size(self) -> int:
@@ -413,11 +424,6 @@ def parallelize(
     found, scheduler = _transformers_of(pipe_or_transformer, components)
     resolve_sparsity(sparsity, 0)  # validate early (a schedule is validated again at every step)
     groups = _resolve_groups(sp, groups)
-    if groups.sp_size == 1 and get_sequence_parallel_groups().sp_size > 1:
-        # The layers fall back to the current groups when given no process group (P = 1).
-        raise ValueError("single-process groups were given while the current sequence-parallel groups have "
-                         f"P = {get_sequence_parallel_groups().sp_size}; make them current first "
-                         "(set_sequence_parallel_groups) or pass sp=None")
     for name, model in found.items():
         plan = get_plan(model)
         if attention not in plan.attentions:

@@ -125,7 +125,7 @@ class WanDistributedAttnProcessor(WanLocalAttnProcessor):
     ) -> None:
         super().__init__(num_heads, head_dim, backend=backend)
         self.state = state
-        group = None if state is None else state.sp_group
+        group = None if state is None else state.layer_group
         self.attention = DistributedAttention(num_heads, head_dim, process_group=group, default_backend=backend)
 
     def _seq_len(self) -> int | None:
@@ -152,7 +152,7 @@ class WanVSAAttnProcessor(WanDistributedAttnProcessor):
             raise ValueError("WanVSAAttnProcessor needs a ShardingState (grid and sparsity); use parallelize(...)")
         super().__init__(num_heads, head_dim, state, backend=backend)
         self.implementation = implementation
-        self.sparse = DistributedAttention_VSA(num_heads, head_dim, process_group=state.sp_group,
+        self.sparse = DistributedAttention_VSA(num_heads, head_dim, process_group=state.layer_group,
                                                default_backend=backend)
 
     def self_attention(self, attn, hidden_states, query, key, value, rotary_emb):
