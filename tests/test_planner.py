@@ -1,6 +1,8 @@
 """The degree planner and the degree errors: valid (ulysses, ring) choices and errors that name the fix."""
 
 import pytest
+import torch
+from distributed_utils import run_distributed
 
 from diffusers_dist_attn import init_sequence_parallel
 from diffusers_dist_attn.distributed import plan_degrees
@@ -40,3 +42,30 @@ def test_planner_without_ring_splits_heads_unevenly():
     plan = plan_degrees(12, 8, 8, full_heads=True)
     assert (plan.ulysses, plan.ring, plan.head_split, plan.even) == (8, 1, (2, 2, 2, 2, 1, 1, 1, 1), False)
     assert "video sparse attention" in plan.reason
+
+
+def _parallelize_plans_degrees(rank, world, attention):
+    """A launched job without groups yet: `parallelize` lays out ulysses x ring with the planner."""
+    import os
+
+    from test_wan_parallel import _forward, build_case
+
+    from diffusers_dist_attn.distributed import set_sequence_parallel_groups
+    from diffusers_dist_attn.models import parallelize
+
+    set_sequence_parallel_groups(None)  # back to "launched, nothing set up yet"
+    os.environ["LOCAL_WORLD_SIZE"] = "2"  # pretend 2 GPUs per node: Ulysses stays inside it
+    model, inputs = build_case("t2v")  # 4 heads
+    with torch.no_grad():
+        reference = _forward(model, inputs)
+        with parallelize(model, attention=attention) as handle:
+            result = _forward(model, inputs)
+            layout = (handle.groups.ulysses_size, handle.groups.ring_size)
+    return layout, float((result - reference).abs().max())
+
+
+def test_parallelize_uses_the_planner_in_a_launched_job():
+    for layout, err in run_distributed(4, _parallelize_plans_degrees, "dense"):
+        assert layout == (2, 2) and err <= 1e-5  # Ulysses in the node, ring across
+    for layout, err in run_distributed(4, _parallelize_plans_degrees, "vsa"):
+        assert layout == (4, 1) and err <= 1e-5  # VSA needs whole heads: pure Ulysses (sparsity 0, zero gates)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -55,6 +56,9 @@ from ..distributed.groups import (
     get_sequence_parallel_groups,
     init_sequence_parallel,
 )
+from ..distributed.planner import plan_degrees
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ShardInput",
@@ -363,8 +367,11 @@ class ParallelHandle:
         return f"ParallelHandle(sp={self.groups.sp_size}, transformers=[{names}])"
 
 
-def _resolve_groups(sp: int | None, groups: SequenceParallelGroups | None) -> SequenceParallelGroups:
-    """Explicit groups, else the current ones when they fit `sp`, else new ones (`init_sequence_parallel`)."""
+def _resolve_groups(
+    sp: int | None, groups: SequenceParallelGroups | None, *, num_heads: int, attention: str,
+    ulysses: int | None = None, ring: int | None = None,
+) -> SequenceParallelGroups:
+    """Explicit groups, else the current ones when they fit, else new ones laid out by the degree planner."""
     if groups is not None:
         if sp is not None and groups.sp_size != sp:
             raise ValueError(f"sp={sp} contradicts the given groups (sp_size {groups.sp_size})")
@@ -373,9 +380,19 @@ def _resolve_groups(sp: int | None, groups: SequenceParallelGroups | None) -> Se
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
         dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
     initialised = current.world_size > 1 or not launched  # a launched job whose groups are still the default: no
-    if sp is None:
-        return current if initialised else init_sequence_parallel(None)
-    return current if initialised and current.sp_size == int(sp) else init_sequence_parallel(int(sp))
+    if initialised and (sp is None or current.sp_size == int(sp)):
+        if ulysses is None and ring is None:
+            return current
+        if current.ring_size == (ring if ring is not None else current.sp_size // ulysses):
+            return current
+    if not launched:
+        return init_sequence_parallel(sp, ulysses=ulysses, ring=ring)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
+    sp_size = world if sp is None else int(sp)
+    node = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+    degrees = plan_degrees(num_heads, sp_size, node, ulysses=ulysses, ring=ring, full_heads=attention == "vsa")
+    logger.info("sequence parallel degrees: ulysses %d x ring %d (%s)", degrees.ulysses, degrees.ring, degrees.reason)
+    return init_sequence_parallel(sp_size, ulysses=degrees.ulysses, ring=degrees.ring)
 
 
 def _transformers_of(target: Any, components: tuple[str, ...] | None) -> tuple[dict[str, nn.Module], Any]:
@@ -402,6 +419,8 @@ def parallelize(
     *,
     groups: SequenceParallelGroups | None = None,
     components: tuple[str, ...] | None = None,
+    ulysses: int | None = None,
+    ring: int | None = None,
     **options: Any,
 ) -> ParallelHandle:
     """Shard the token sequence of every transformer of a pipeline (or of one transformer) over the SP group.
@@ -415,6 +434,10 @@ def parallelize(
         sparsity: VSA sparsity, a constant in [0, 1) or `step -> sparsity | None` (`None` = dense at that step),
             e.g. `DenseThenSparse(0.9, dense_steps=10)`.
         groups: explicit process groups (overrides `sp`); `SequenceParallelGroups()` runs single-process.
+            Without them, the current groups are used (`init_sequence_parallel`); in a launched job that has
+            none yet, the degree planner (`distributed.plan_degrees`) lays out `sp = ulysses x ring` (Ulysses
+            inside a node, ring across nodes; VSA: pure Ulysses) and logs why.
+        ulysses, ring: explicit hybrid degrees (their product must be the SP degree; checked by the planner).
         components: pipeline attribute names to parallelize (default: all with a plan).
         **options: passed to the plan's `install` (e.g. Wan: `vsa_implementation`).
 
@@ -423,7 +446,8 @@ def parallelize(
     """
     found, scheduler = _transformers_of(pipe_or_transformer, components)
     resolve_sparsity(sparsity, 0)  # validate early (a schedule is validated again at every step)
-    groups = _resolve_groups(sp, groups)
+    num_heads = min(get_plan(model).num_heads(model) for model in found.values())
+    groups = _resolve_groups(sp, groups, num_heads=num_heads, attention=attention, ulysses=ulysses, ring=ring)
     for name, model in found.items():
         plan = get_plan(model)
         if attention not in plan.attentions:
