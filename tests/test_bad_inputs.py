@@ -43,6 +43,10 @@ def _bad_inputs_on_ranks(rank, world):
         "seq_len": lambda: DistributedAttention(4, 8)(*_qkv(1, 4, 4, 8), original_seq_len=3),
         "grid": lambda: DistributedAttention_VSA(4, 8)(*_qkv(1, 4, 4, 8), original_seq_len=8, grid_size=(2, 2, 3)),
         "sparsity": lambda: DistributedAttention_VSA(4, 8)(*_qkv(1, 4, 4, 8), grid_size=(2, 2, 2), sparsity=1.0),
+        # tables for 6 of the 8 tokens: must fail before the all-to-all, not after it on some ranks only
+        "rotary": lambda: DistributedAttention(4, 8)(*_qkv(1, 4, 4, 8), freqs_cis=(torch.ones(6, 8), torch.zeros(6, 8))),
+        "implementation": lambda: DistributedAttention_VSA(4, 8)(*_qkv(1, 4, 4, 8), grid_size=(2, 2, 2),
+                                                                 implementation="cuda-please"),
     }
     for name, call in cases.items():
         try:
@@ -59,6 +63,8 @@ def test_errors_raise_on_every_rank_before_collectives():
         assert "original_seq_len=3" in messages["seq_len"]
         assert "grid_size (2, 2, 3) has 12 tokens but the (unpadded) sequence has 8" in messages["grid"]
         assert "sparsity must be in [0, 1)" in messages["sparsity"]
+        assert "rotary tables cover 6 tokens but the (unpadded) sequence has 8" in messages["rotary"]
+        assert "implementation='cuda-please'" in messages["implementation"]
 
 
 @pytest.mark.parametrize(
@@ -88,6 +94,8 @@ def test_replicated_errors():
         layer(q, k, v, rq, rq, rq, replicated_mask=torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="replicated_k"):
         layer(q, k, v, rq, torch.randn(1, 3, 1, 8), rq)
+    with pytest.raises(TypeError, match="original_seq_len is keyword-only|original_seq_len=..."):
+        layer(q, k, v, 4)  # FastVideo's later positional original_seq_len
     with pytest.raises(ValueError, match="without replicated"):
         layer(q, k, v, replicated_mask=torch.ones(1, 3, dtype=torch.bool))
 

@@ -20,6 +20,7 @@ def test_world_size_one_is_identity_without_copies():
     assert sequence_to_heads(x, None) is x
     assert heads_to_sequence(x, None) is x
     assert all_gather_heads(x, None) is x
+    assert shard_sequence(x, None, dim=-3)[0] is x  # negative dims are fine
     local, n = shard_sequence(x, None)
     assert local is x and n == 7
     assert gather_sequence(x, None, 1) is x
@@ -29,7 +30,7 @@ def _collectives_body(rank, world):
     group = get_sequence_parallel_groups().sp_group
     torch.manual_seed(0)
     full = torch.randn(2, 11, 4 * world, 3, requires_grad=True)  # 11 tokens: uneven over 2 and 4 ranks
-    local, n = shard_sequence(full, group)
+    local, n = shard_sequence(full, group, dim=-3)  # a negative dim: same as dim=1
     heads = sequence_to_heads(local, group)  # [B, S_pad, H/P, D]
     h_loc = heads.shape[2]
     padded = torch.nn.functional.pad(full, (0, 0, 0, 0, 0, heads.shape[1] - n))

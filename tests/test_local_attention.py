@@ -36,6 +36,9 @@ def test_local_attention_matches_naive_with_mask_gqa_and_causal():
     q2, k2, v2 = (torch.randn(1, 7, 2, 8) for _ in range(3))
     causal = LocalAttention(2, 8, causal=True)(q2, k2, v2)
     assert (causal - naive_attention(q2, k2, v2, 8**-0.5, causal=True)).abs().max() < 1e-5
+    mask2 = torch.tensor([[True, True, False, True, True, True, False]])
+    both = LocalAttention(2, 8, causal=True)(q2, k2, v2, key_mask=mask2)  # causal is kept when a mask is given
+    assert (both - naive_attention(q2, k2, v2, 8**-0.5, key_mask=mask2, causal=True)).abs().max() < 1e-5
 
 
 def test_rotary_matches_complex_rotation():

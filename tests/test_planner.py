@@ -19,6 +19,8 @@ def test_degree_errors_name_the_fix():
         plan_degrees(12, 8, ring=2, backend="flash_attn_3")
     with pytest.raises(ValueError, match="video sparse attention.*ring=1"):
         plan_degrees(12, 8, ring=2, full_heads=True)
+    with pytest.raises(ValueError, match="must be positive degrees"):
+        plan_degrees(8, 8, ring=0)
     with pytest.raises(ValueError, match="without a ring"):
         plan_degrees(4, 8, full_heads=True)
 

@@ -234,6 +234,8 @@ def dense_attention(
         return out[0] if isinstance(out, tuple) else out
     gqa = k.shape[2] != q.shape[2]
     mask = _key_mask_to_sdpa(key_mask) if key_mask is not None else None
+    if causal and mask is not None:  # SDPA takes either a mask or is_causal: fold the (top-left) causal part in
+        mask = mask & torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     order = _SDPA_ORDER.get(chosen, _SDPA_ORDER[AttentionBackendEnum.SDPA_MATH])
     if not q.is_cuda:  # CPU has the fused (flash) kernel and math

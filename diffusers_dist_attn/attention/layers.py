@@ -25,7 +25,7 @@ from ..distributed.collectives import (
 )
 from ..distributed.groups import SINGLE_PROCESS, get_sequence_parallel_groups, sp_layout
 from ..distributed.ring import ring_attention
-from ..vsa.dispatch import vsa_tiled
+from ..vsa.dispatch import IMPLEMENTATIONS, vsa_tiled
 from ..vsa.tiling import tile, tile_layout, topk_for_sparsity, untile
 from .backends import AttentionBackendEnum, dense_attention, resolve_lse_backend
 from .rotary import RotaryTables, apply_rotary, normalize_rotary_tables
@@ -211,6 +211,12 @@ class DistributedAttention(_AttentionBase):
             raise ValueError(f"original_seq_len={original_seq_len} is inconsistent with {world} shards of "
                              f"{q.shape[1]} tokens (allowed: {max(padded_len - world + 1, 1)}..{padded_len})")
         attend_kwargs = self._check_attend_kwargs(seq_len, **attend_kwargs)
+        if freqs_cis is not None:  # checked here, not after the all-to-all: a rank-local error there would hang peers
+            cos, sin = normalize_rotary_tables(freqs_cis, q.shape[-1])
+            if cos.shape[1] != seq_len:
+                raise ValueError(f"rotary tables cover {cos.shape[1]} tokens but the (unpadded) sequence has {seq_len}; "
+                                 "pass tables for the full sequence (RoPE is applied after the all-to-all)")
+            freqs_cis = (cos, sin)
 
         tensors = [q, k, v] if gate is None else [q, k, v, gate]
         # this rank's contiguous token block [start, start + valid) of the unpadded sequence (all of it without ring)
@@ -220,8 +226,7 @@ class DistributedAttention(_AttentionBase):
         q, k, v, *rest = self._to_heads(tensors, group, valid)
         if freqs_cis is not None:
             if ring_world > 1:
-                cos, sin = normalize_rotary_tables(freqs_cis, q.shape[-1])
-                freqs_cis = (cos[:, start:start + valid], sin[:, start:start + valid])
+                freqs_cis = (freqs_cis[0][:, start:start + valid], freqs_cis[1][:, start:start + valid])
             q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
         heads_loc = q.shape[2]
         first = head_offset(num_heads, group_size(group), group_rank(group))
@@ -343,6 +348,8 @@ class DistributedAttention_VSA(DistributedAttention):  # noqa: N801 - FastVideo'
                          freqs_cis, replicated_mask, attend_kwargs)
 
     def _check_attend_kwargs(self, seq_len: int, grid_size=None, sparsity=0.0, implementation=None) -> dict:
+        if implementation is not None and str(implementation).lower() not in ("auto", *IMPLEMENTATIONS):
+            raise ValueError(f"implementation={implementation!r}; allowed: {('auto', *IMPLEMENTATIONS)}")
         return {"grid": check_grid(grid_size, seq_len), "sparsity": check_sparsity(sparsity),
                 "implementation": implementation}
 

@@ -76,6 +76,10 @@ def check_replicated(
     replicated_mask: torch.Tensor | None,
 ) -> bool:
     """Validate replicated (text) tokens; returns whether they are present."""
+    for name, t in zip(("replicated_q", "replicated_k", "replicated_v"), replicated, strict=True):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__} {t!r}; FastVideo's later "
+                            "positional `original_seq_len` is keyword-only here: pass original_seq_len=...")
     given = [t is not None for t in replicated]
     if any(given) and not all(given):
         missing = [n for n, g in zip(("replicated_q", "replicated_k", "replicated_v"), given, strict=True) if not g]

@@ -232,6 +232,7 @@ def shard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None, dim: int = 
 
     Returns `(x_local, original_length)`; `x_local.shape[dim] == ceil(length / P)`.
     """
+    dim = dim % x.ndim
     length = x.shape[dim]
     if group_size(group) == 1:
         return x, length

@@ -76,6 +76,8 @@ def plan_degrees(
     if seq_len is not None and int(seq_len) < sp:
         raise ValueError(f"a sequence of {seq_len} tokens cannot be split over {sp} ranks; use sp <= {seq_len}")
     no_ring = _ring_allowed(backend, full_heads)
+    if (ulysses is not None and int(ulysses) < 1) or (ring is not None and int(ring) < 1):
+        raise ValueError(f"ulysses={ulysses} and ring={ring} must be positive degrees (or omitted)")
     if ulysses is not None or ring is not None:
         u = sp // int(ring) if ulysses is None else int(ulysses)
         r = sp // u if ring is None and u > 0 else (1 if ring is None else int(ring))

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from .tiling import BLOCK, topk_for_sparsity
+from .tiling import BLOCK
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (fp64 stays fp64, so the reference can serve gradcheck)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
 
 __all__ = [
     "block_mean",
@@ -16,15 +22,14 @@ __all__ = [
     "topk_block_indices",
     "block_sparse_attention_reference",
     "vsa_tiled_reference",
-    "topk_for_sparsity",
 ]
 
 
 def block_mean(x: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
     """Mean over the real tokens of each 64-slot block: `[B, H, 64*N, D] -> [B, H, N, D]` (fp32 sums)."""
     b, h, s, d = x.shape
-    sums = x.float().view(b, h, s // BLOCK, BLOCK, d).sum(3)
-    return (sums / block_sizes.to(sums.device, torch.float32)[:, None]).to(x.dtype)
+    sums = _acc(x).view(b, h, s // BLOCK, BLOCK, d).sum(3)
+    return (sums / block_sizes.to(sums.device, sums.dtype)[:, None]).to(x.dtype)
 
 
 def coarse_attention(
@@ -34,7 +39,7 @@ def coarse_attention(
 
     Returns `out_c [B, H, N, D]` (input dtype) and the pre-softmax `scores [B, H, N, N]` (fp32).
     """
-    qc, kc, vc = (block_mean(t, block_sizes).float() for t in (q, k, v))
+    qc, kc, vc = (_acc(block_mean(t, block_sizes)) for t in (q, k, v))
     scores = (qc @ kc.transpose(-1, -2)) * scale
     return (scores.softmax(-1) @ vc).to(q.dtype), scores
 
@@ -71,13 +76,13 @@ def block_sparse_attention_reference(
     b, h, s, d = q.shape
     n = s // BLOCK
     kk = block_index.shape[-1]
-    qb, kb, vb = (t.float().reshape(b * h, n, BLOCK, d) for t in (q, k, v))
+    qb, kb, vb = (_acc(t).reshape(b * h, n, BLOCK, d) for t in (q, k, v))
     idx = block_index.reshape(b * h, n, kk)
     rows = torch.arange(b * h, device=q.device)[:, None, None]
     slot = torch.arange(BLOCK, device=q.device)
     sizes = block_sizes.to(q.device).long()
     if extra_k is not None:
-        ek, ev = extra_k.float().reshape(b * h, -1, d), extra_v.float().reshape(b * h, -1, d)
+        ek, ev = _acc(extra_k).reshape(b * h, -1, d), _acc(extra_v).reshape(b * h, -1, d)
         emask = None if extra_mask is None else extra_mask.repeat_interleave(h, 0)  # [B*H, L]
     out = []
     for start in range(0, n, query_blocks_per_chunk):
