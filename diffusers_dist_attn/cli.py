@@ -99,9 +99,10 @@ def _validate(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
         if args.dense_steps < 0:
             raise UsageError(f"--dense-steps must be >= 0; got {args.dense_steps}")
     else:
-        if args.sparsity is not None or args.gate_checkpoint or args.gate_checkpoint_2 or args.dense_steps:
-            raise UsageError("--sparsity, --dense-steps and --gate-checkpoint need --attention vsa")
-    for key in ("height", "width", "num_frames", "steps"):
+        if args.sparsity is not None or args.gate_checkpoint or args.gate_checkpoint_2 or args.dense_steps \
+                or args.vsa_implementation:
+            raise UsageError("--sparsity, --dense-steps, --gate-checkpoint and --vsa-implementation need --attention vsa")
+    for key in ("height", "width", "num_frames", "steps", "fps"):
         if getattr(args, key) < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be positive; got {getattr(args, key)}")
     for key in ("gate_checkpoint", "gate_checkpoint_2"):

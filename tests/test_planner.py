@@ -71,3 +71,21 @@ def test_parallelize_uses_the_planner_in_a_launched_job():
         assert layout == (2, 2) and err <= 1e-5  # Ulysses in the node, ring across
     for layout, err in run_distributed(4, _parallelize_plans_degrees, "vsa"):
         assert layout == (4, 1) and err <= 1e-5  # VSA needs whole heads: pure Ulysses (sparsity 0, zero gates)
+
+
+def _explicit_ulysses_that_does_not_divide(rank, world):
+    from test_wan_parallel import build_case
+
+    from diffusers_dist_attn.models import parallelize
+
+    model, _ = build_case("t2v")
+    try:
+        parallelize(model, attention="dense", ulysses=3)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_explicit_degrees_are_checked_not_ignored():
+    for message in run_distributed(4, _explicit_ulysses_that_does_not_divide):
+        assert message is not None and "ulysses=3" in message

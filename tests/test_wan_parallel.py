@@ -284,3 +284,43 @@ def _single_process_groups_inside_a_job(rank: int, world: int) -> float:
 def test_single_process_groups_inside_a_launched_job():
     for err in run_distributed(2, _single_process_groups_inside_a_job):
         assert err <= 1e-5
+
+
+def test_sparsity_schedule_follows_a_scheduler_replaced_after_parallelize():
+    """`pipe.scheduler = ...` after `parallelize` (as diffusers' Wan examples do): the schedule still advances."""
+    from diffusers import UniPCMultistepScheduler
+
+    from diffusers_dist_attn.pipelines.wan import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    handle = parallelize(pipe, attention="vsa", sparsity=DenseThenSparse(0.5, dense_steps=2))
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    seen = []
+    hook = pipe.transformer.register_forward_hook(lambda *_: seen.append(handle.state.sparsity))
+    pipe(prompt="a cat", height=32, width=32, num_frames=5, num_inference_steps=4, guidance_scale=1.0,
+         output_type="latent")
+    hook.remove()
+    handle.remove()
+    assert seen == [None, None, 0.5, 0.5]  # dense for the first two steps, then VSA
+
+
+def _first_block_cache_under_sp(rank: int, world: int) -> str | None:
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    model, inputs = build_case("t2v")
+    handle = parallelize(model, attention="dense")
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.05))
+    try:
+        with torch.no_grad():
+            _forward(model, inputs)
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        handle.remove()
+    return None
+
+
+def test_value_dependent_cache_is_refused_under_sequence_parallelism():
+    for message in run_distributed(2, _first_block_cache_under_sp):
+        assert message is not None and "fbc_leader_block_hook" in message and "deadlock" in message

@@ -258,3 +258,17 @@ def test_load_pipeline_round_trip(tmp_path):
     for (name, a), b in zip(pipe.transformer.state_dict().items(), loaded.transformer.state_dict().values(),
                             strict=True):
         assert torch.equal(a, b), name
+
+
+def test_gate_loading_refuses_two_keys_for_one_gate_and_leaves_the_model_unchanged(tmp_path):
+    gates = _fastvideo_gates()
+    both = {**{"transformer." + k: v for k, v in gates.items()}, **{"transformer_2." + k: -v for k, v in gates.items()}}
+    model = _tiny()
+    with pytest.raises(ValueError, match="both map to blocks.0.attn1.to_gate_compress"):
+        load_gate_compress(model, both)
+    assert not any(hasattr(b.attn1, "to_gate_compress") for b in model.blocks)  # nothing half-loaded
+    (tmp_path / "transformer").mkdir()
+    save_file(gates, tmp_path / "transformer" / "gates.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"subfolders with checkpoints: \['transformer'\]"):
+        load_gate_compress(model, tmp_path)  # a pipeline folder: name the transformer's subfolder
+    assert load_gate_compress(model, tmp_path / "transformer").missing_blocks == []

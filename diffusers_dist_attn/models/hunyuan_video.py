@@ -41,7 +41,7 @@ from torch import nn
 from ..attention.layers import DistributedAttention, DistributedAttention_VSA
 from ..attention.rotary import RotaryTables
 from ..distributed.groups import get_sequence_parallel_groups
-from .gates import GateLoadReport, read_matching_tensors
+from .gates import GateLoadReport, load_matching_gates
 from .sharding import ShardingPlan, ShardingState, ShardInput, register_plan
 
 __all__ = [
@@ -300,10 +300,6 @@ _GATE_KEY = re.compile(
 )
 
 
-def _read_gate_tensors(source: str | Path | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    return read_matching_tensors(source, _GATE_KEY)
-
-
 def load_gate_compress(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> GateLoadReport:
     """Load VSA gates into a HunyuanVideo transformer (missing gates are added zero-initialised first).
 
@@ -312,26 +308,21 @@ def load_gate_compress(model: nn.Module, source: str | Path | Mapping[str, torch
     checked before anything is copied. `missing_blocks` of the report lists the attention modules (by name) that
     got no gate from the checkpoint.
     """
-    tensors, other = _read_gate_tensors(source)
-    add_gate_compress(model)
     modules = joint_attention_modules(model)
-    targets = {}
-    for key, tensor in tensors.items():
-        blocks, index, kind = _GATE_KEY.match(key).groups()
+
+    def resolve(match):
+        blocks, index, kind = match.groups()
         name = f"{blocks}.{index}.attn"
         if name not in modules:
-            raise ValueError(f"gate key {key!r} refers to {name}, which the model does not have")
-        param = getattr(modules[name][0], GATE_NAME).get_parameter(kind)
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"gate key {key!r} has shape {tuple(tensor.shape)} but {name}.{GATE_NAME}.{kind} has "
-                             f"shape {tuple(param.shape)}")
-        targets[key] = (name, param, tensor)
-    with torch.no_grad():
-        for _name, param, tensor in targets.values():
-            param.copy_(tensor.to(param.dtype))
-    loaded = {name for name, _, _ in targets.values()}
-    return GateLoadReport(used=sorted(targets), unused=sorted(other),
-                          missing_blocks=[name for name in modules if name not in loaded])
+            raise ValueError(f"gate key {match.string!r} refers to {name}, which the model does not have")
+        return name, getattr(modules[name][0], GATE_NAME).get_parameter(kind), f"{name}.{GATE_NAME}.{kind}"
+
+    added = add_gate_compress(model)
+    try:
+        return load_matching_gates(source, _GATE_KEY, resolve, list(modules))
+    except BaseException:
+        remove_gate_compress(model, added)  # leave the model as it was
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------

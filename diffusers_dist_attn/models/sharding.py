@@ -16,9 +16,11 @@ unpadded sequence (`freqs_cis=`), so nothing rotary needs sharding.
 Gradients follow FastVideo's convention (see `distributed/collectives.py`): every SP rank computes the same loss on
 the gathered output; averaging parameter gradients over the SP group gives the single-process gradients.
 
-Order with diffusers offloading: call `parallelize` first, then `pipe.enable_model_cpu_offload()` (or sequential
-offload / caching hooks). torch forward hooks run before accelerate's wrapped `forward`, so both orders work, but
-the documented one is parallelize -> offload; `handle.remove()` leaves the offload hooks in place.
+Order with diffusers offloading: call `parallelize` first, then `pipe.enable_model_cpu_offload()`. torch forward
+hooks run before accelerate's wrapped `forward`, so both orders work, but the documented one is parallelize ->
+offload; `handle.remove()` leaves the offload hooks in place. Caches that decide from tensor *values* whether to
+skip blocks (diffusers' first-block cache, MagCache, SeaCache) would decide per shard, so ranks could skip
+different blocks and deadlock in an all-to-all: with P > 1 the first forward raises instead.
 
 Writing a plan for a new model (see `models/wan.py`)::
 
@@ -40,6 +42,7 @@ import inspect
 import logging
 import math
 import os
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,28 +239,33 @@ class ShardingState:
 
 
 class StepCounter:
-    """Denoising step index: the scheduler's `step_index` when a pipeline is known, else counted from timesteps.
+    """Denoising step index: the pipeline's *current* scheduler's `step_index` when it has one, else counted from
+    timesteps.
 
-    Without a scheduler, a new step starts whenever the (max) timestep value changes, and a larger timestep than
-    the previous one starts a new generation at step 0; classifier-free-guidance calls share one step. The
-    timestep is read only when needed (a callable schedule), as it costs a device sync.
+    The scheduler is looked up on every call (`pipe.scheduler = ...` after `parallelize` is common), through a weak
+    reference to the pipeline. Counting: a new step starts whenever the (max) timestep changes, and a larger
+    timestep than the previous one starts a new generation at step 0; classifier-free-guidance calls share one
+    step. It is used only for callable sparsity schedules (reading the timestep costs a device sync).
     """
 
-    def __init__(self, scheduler: Any = None) -> None:
-        self.scheduler = scheduler
+    def __init__(self, pipeline: Any = None) -> None:
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self._last: float | None = None
         self._step = 0
 
+    @property
+    def scheduler(self) -> Any:
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        return getattr(pipeline, "scheduler", None)
+
     def __call__(self, timestep: Any) -> int:
-        if self.scheduler is not None:
-            return int(getattr(self.scheduler, "step_index", None) or 0)
-        if not isinstance(timestep, torch.Tensor) and not isinstance(timestep, (int, float)):
-            return self._step
-        value = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
-        if self._last is not None and value != self._last:
-            self._step = 0 if value > self._last else self._step + 1
-        self._last = value
-        return self._step
+        if isinstance(timestep, torch.Tensor | int | float):
+            value = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
+            if self._last is not None and value != self._last:
+                self._step = 0 if value > self._last else self._step + 1
+            self._last = value
+        index = getattr(self.scheduler, "step_index", None)  # None before the scheduler's first step()
+        return int(index) if index is not None else self._step
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -300,12 +308,29 @@ def _shard_args(positions, args, kwargs, specs: tuple[ShardInput, ...], state: S
     return args, kwargs
 
 
+# diffusers hooks that skip blocks depending on this rank's activations (a per-shard decision under SP)
+_VALUE_DEPENDENT_CACHE_HOOKS = ("fbc_leader_block_hook", "mag_cache_leader_block_hook", "sea_cache_root")
+
+
+def _check_no_value_dependent_cache(plan: ShardingPlan, state: ShardingState, model: nn.Module) -> None:
+    if state.sp_size == 1:
+        return
+    for path in ("", *plan.shard_inputs):
+        registry = getattr(model.get_submodule(path) if path else model, "_diffusers_hook", None)
+        found = [name for name in getattr(registry, "hooks", {}) if name in _VALUE_DEPENDENT_CACHE_HOOKS]
+        if found:
+            raise ValueError(f"{plan.name}: cache hook {found[0]!r} decides per rank from activation values, so under "
+                             f"sequence parallelism (P = {state.sp_size}) ranks could skip different blocks and "
+                             "deadlock; disable it or use a step-based cache (FasterCache, pyramid attention broadcast)")
+
+
 def _root_pre_hook(plan: ShardingPlan, state: ShardingState, positions: dict[str, int], module, args, kwargs):
+    _check_no_value_dependent_cache(plan, state, module)
     inputs = {**{n: args[i] for n, i in positions.items() if i < len(args)}, **kwargs}
     grid = tuple(int(g) for g in plan.grid(module, inputs))
     state.grid = grid
     state.original_seq_len = math.prod(grid)
-    if state.step_source is not None and (callable(state.schedule) or getattr(state.step_source, "scheduler", None)):
+    if state.step_source is not None and callable(state.schedule):
         state.step = state.step_source(inputs.get("timestep"))
     state.sparsity = resolve_sparsity(state.schedule, state.step)
     state.in_forward = True
@@ -381,9 +406,7 @@ def _resolve_groups(
         dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
     initialised = current.world_size > 1 or not launched  # a launched job whose groups are still the default: no
     if initialised and (sp is None or current.sp_size == int(sp)):
-        if ulysses is None and ring is None:
-            return current
-        if current.ring_size == (ring if ring is not None else current.sp_size // ulysses):
+        if (ulysses is None or current.ulysses_size == int(ulysses)) and (ring is None or current.ring_size == int(ring)):
             return current
     if not launched:
         return init_sequence_parallel(sp, ulysses=ulysses, ring=ring)
@@ -396,7 +419,7 @@ def _resolve_groups(
 
 
 def _transformers_of(target: Any, components: tuple[str, ...] | None) -> tuple[dict[str, nn.Module], Any]:
-    """`{name: transformer}` with a registered plan, and the pipeline's scheduler (or None)."""
+    """`{name: transformer}` with a registered plan, and the pipeline (None for a bare transformer)."""
     if isinstance(target, nn.Module):
         if get_plan(target) is None:
             raise ValueError(f"no sharding plan is registered for {type(target).__name__}; known: "
@@ -408,7 +431,7 @@ def _transformers_of(target: Any, components: tuple[str, ...] | None) -> tuple[d
     if not found:
         raise ValueError(f"{type(target).__name__} has no component with a registered sharding plan "
                          f"(looked at {list(names)})")
-    return found, getattr(target, "scheduler", None)
+    return found, target
 
 
 def parallelize(
@@ -444,7 +467,7 @@ def parallelize(
     Returns a `ParallelHandle`; `handle.remove()` restores stock processors and removes all hooks.
     Raises `ValueError` before any change on a bad attention name, sparsity, or head count / SP degree.
     """
-    found, scheduler = _transformers_of(pipe_or_transformer, components)
+    found, pipeline = _transformers_of(pipe_or_transformer, components)
     resolve_sparsity(sparsity, 0)  # validate early (a schedule is validated again at every step)
     num_heads = min(get_plan(model).num_heads(model) for model in found.values())
     groups = _resolve_groups(sp, groups, num_heads=num_heads, attention=attention, ulysses=ulysses, ring=ring)
@@ -463,7 +486,7 @@ def parallelize(
             raise ValueError(f"{name} is already parallelized; call handle.remove() first")
 
     handle = ParallelHandle(groups)
-    step_source = StepCounter(scheduler)
+    step_source = StepCounter(pipeline)
     try:
         for name, model in found.items():
             plan = get_plan(model)

@@ -37,7 +37,7 @@ from diffusers.models.transformers.transformer_wan import (
 from torch import nn
 
 from ..attention.layers import DistributedAttention, DistributedAttention_VSA, LocalAttention
-from .gates import GateLoadReport, read_matching_tensors
+from .gates import GateLoadReport, load_matching_gates
 from .sharding import ShardingPlan, ShardingState, ShardInput, register_plan
 
 __all__ = [
@@ -239,40 +239,31 @@ def remove_gate_compress(model: WanTransformer3DModel, blocks: list[int] | None 
 _GATE_KEY = re.compile(r"^(?:.*\.)?blocks\.(\d+)\.(?:attn1\.)?to_gate_compress\.(weight|bias)$")
 
 
-def _read_gate_tensors(source: str | Path | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    return read_matching_tensors(source, _GATE_KEY)
-
-
 def load_gate_compress(
     model: WanTransformer3DModel, source: str | Path | Mapping[str, torch.Tensor]
 ) -> GateLoadReport:
     """Load VSA gates from a FastVideo-format checkpoint into `model`.
 
-    `source`: a safetensors file, a `.pt/.bin` file (read with `torch.load(weights_only=True)`), a folder (all its
-    `*.safetensors`), or a state dict. Accepted keys: `[prefix.]blocks.N.to_gate_compress.{weight,bias}` (FastVideo)
+    `source`: a safetensors file, a `.pt/.bin` file (read with `torch.load(weights_only=True)`), a folder (its own
+    `*.safetensors`, not subfolders), or a state dict. Accepted keys: `[prefix.]blocks.N.to_gate_compress.{weight,bias}` (FastVideo)
     and `[prefix.]blocks.N.attn1.to_gate_compress.{weight,bias}` (this package). Blocks without a gate get a zero one
     first. Every key is checked before anything is copied: a shape mismatch or a block index the model lacks raises
     `ValueError` naming the key and both shapes.
     """
-    tensors, other = _read_gate_tensors(source)
-    add_gate_compress(model)
-    targets = {}
-    for key, tensor in sorted(tensors.items()):
-        index, kind = _GATE_KEY.match(key).groups()
-        index = int(index)
+    def resolve(match):
+        index, kind = int(match.group(1)), match.group(2)
         if index >= len(model.blocks):
-            raise ValueError(f"gate key {key!r} refers to block {index}, but the model has {len(model.blocks)} blocks")
-        param = getattr(model.blocks[index].attn1, GATE_NAME).get_parameter(kind)
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ValueError(f"gate key {key!r} has shape {tuple(tensor.shape)} but the model's "
-                             f"blocks.{index}.attn1.{GATE_NAME}.{kind} has shape {tuple(param.shape)}")
-        targets[key] = (param, tensor)
-    with torch.no_grad():
-        for param, tensor in targets.values():
-            param.copy_(tensor.to(param.dtype))
-    loaded = {int(_GATE_KEY.match(k).group(1)) for k in targets}
-    return GateLoadReport(used=sorted(targets), unused=sorted(other),
-                          missing_blocks=[i for i in range(len(model.blocks)) if i not in loaded])
+            raise ValueError(f"gate key {match.string!r} refers to block {index}, but the model has "
+                             f"{len(model.blocks)} blocks")
+        return index, getattr(model.blocks[index].attn1, GATE_NAME).get_parameter(kind), \
+            f"blocks.{index}.attn1.{GATE_NAME}.{kind}"
+
+    added = add_gate_compress(model)
+    try:
+        return load_matching_gates(source, _GATE_KEY, resolve, range(len(model.blocks)))
+    except BaseException:
+        remove_gate_compress(model, added)  # leave the model as it was
+        raise
 
 
 # --------------------------------------------------------------------------------------------------------------
