@@ -377,16 +377,27 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         dist.all_gather_object(peaks, peak)
 
     check = None
-    if args.check and writer:  # the other ranks wait at the barrier
-        reference, ref_latents, what = _reference_frames(pipe, module, args, handle,
-                                                         SequenceParallelGroups(device=device), device)
-        check = {"reference": what, "max_abs_diff": float(abs(frames - reference).max()),
-                 "max_abs_diff_latents": None if latents is None or ref_latents is None
-                 else float((latents - ref_latents).abs().max())}
+    failure: BaseException | None = None
+    if args.check and writer:  # the other ranks wait below for this rank's single-process reference
+        try:
+            reference, ref_latents, what = _reference_frames(pipe, module, args, handle,
+                                                             SequenceParallelGroups(device=device), device)
+            check = {"reference": what, "max_abs_diff": float(abs(frames - reference).max()),
+                     "max_abs_diff_latents": None if latents is None or ref_latents is None
+                     else float((latents - ref_latents).abs().max())}
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank has heard of it
+            failure = exc
     elif handle is not None:
         handle.remove()
     if args.check and dist.is_initialized():
-        dist.barrier()
+        # an all-reduce instead of a barrier: a failed reference run (e.g. out of memory at full length) stops
+        # every rank with an error instead of leaving the others waiting forever
+        failed = torch.tensor([failure is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(failed)
+        if failure is not None:
+            raise failure
+        if int(failed):
+            raise RuntimeError("--check: the single-process reference run failed on another rank (see its error)")
 
     report = {
         "pipeline": args.pipeline,

@@ -209,7 +209,6 @@ class ShardingState:
     grid: Grid | None = None
     step: int = 0
     sparsity: float | None = 0.0
-    in_forward: bool = False
     extras: dict[str, Any] = field(default_factory=dict)  # free slot for model adapters
 
     @property
@@ -333,15 +332,9 @@ def _root_pre_hook(plan: ShardingPlan, state: ShardingState, positions: dict[str
     if state.step_source is not None and callable(state.schedule):
         state.step = state.step_source(inputs.get("timestep"))
     state.sparsity = resolve_sparsity(state.schedule, state.step)
-    state.in_forward = True
     specs = plan.shard_inputs.get("")
     if specs:
         return _shard_args(positions, args, kwargs, specs, state, plan.name)
-    return None
-
-
-def _root_post_hook(state: ShardingState, module, args, output):
-    state.in_forward = False
     return None
 
 
@@ -371,6 +364,8 @@ class ParallelHandle:
     @property
     def state(self) -> ShardingState:
         """The state of the first (or only) transformer."""
+        if not self.states:
+            raise RuntimeError("this ParallelHandle was removed; call parallelize(...) again")
         return next(iter(self.states.values()))
 
     def remove(self) -> None:
@@ -426,6 +421,9 @@ def _transformers_of(target: Any, components: tuple[str, ...] | None) -> tuple[d
                              f"{sorted(set(_PLANS) | set(_BUILTIN_ADAPTERS))}")
         return {"transformer": target}, None
     names = components or tuple(getattr(target, "components", {}).keys())
+    unknown = [n for n in components or () if not isinstance(getattr(target, n, None), nn.Module)]
+    if unknown:
+        raise ValueError(f"components {unknown} are not modules of {type(target).__name__}")
     found = {n: getattr(target, n, None) for n in names}
     found = {n: m for n, m in found.items() if isinstance(m, nn.Module) and get_plan(m) is not None}
     if not found:
@@ -511,7 +509,6 @@ def _apply(handle: ParallelHandle, model: nn.Module, plan: ShardingPlan, state: 
     hooks = [
         model.register_forward_pre_hook(functools.partial(_root_pre_hook, plan, state, _positions(model)),
                                         with_kwargs=True),
-        model.register_forward_hook(functools.partial(_root_post_hook, state)),
     ]
     for path, specs in plan.shard_inputs.items():
         if path:

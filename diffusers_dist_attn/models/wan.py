@@ -37,6 +37,7 @@ from diffusers.models.transformers.transformer_wan import (
 from torch import nn
 
 from ..attention.layers import DistributedAttention, DistributedAttention_VSA, LocalAttention
+from ..distributed.groups import get_sequence_parallel_groups
 from .gates import GateLoadReport, load_matching_gates
 from .sharding import ShardingPlan, ShardingState, ShardInput, register_plan
 
@@ -124,6 +125,10 @@ class WanDistributedAttnProcessor(WanLocalAttnProcessor):
         self, num_heads: int, head_dim: int, state: ShardingState | None = None, *, backend: str | None = None
     ) -> None:
         super().__init__(num_heads, head_dim, backend=backend)
+        if state is None and get_sequence_parallel_groups().sp_size > 1:
+            raise ValueError(f"{type(self).__name__} without a ShardingState under sequence parallelism (P = "
+                             f"{get_sequence_parallel_groups().sp_size}): the token sequence must be sharded too; "
+                             "use diffusers_dist_attn.models.parallelize(...)")
         self.state = state
         group = None if state is None else state.layer_group
         self.attention = DistributedAttention(num_heads, head_dim, process_group=group, default_backend=backend)
