@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--check", action="store_true",
                      help="also run one process on rank 0 (stock diffusers processors; VSA: VSA at P=1) and report "
                           "the max abs difference of the videos")
+    kern = sub.add_parser("build-kernels", help="prebuild the experimental compiled VSA kernel (sm_90a) and print "
+                                                "where it went or why it could not be built")
+    kern.add_argument("--force", action="store_true", help="delete the cached build for these sources first")
+    kern.add_argument("--no-gpu-check", action="store_true",
+                      help="build even without an sm_90 GPU present (still needs CUDA torch and nvcc)")
+    kern.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     return parser
 
 
@@ -445,9 +451,23 @@ def _versions() -> dict[str, str]:
     return {"diffusers_dist_attn": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
+def build_kernels(args: argparse.Namespace) -> int:
+    """`build-kernels`: 0 and the build folder when built, 1 and the reason otherwise."""
+    from .vsa import cuda_build
+
+    result = cuda_build.build(require_gpu=not args.no_gpu_check, force=args.force, verbose=args.verbose)
+    if result.module is None:
+        print(f"diffusers-dist-attn build-kernels: not built: {result.reason}", file=sys.stderr, flush=True)
+        return 1
+    print(f"built {result.module.__name__} (sm_90a, experimental) in {result.path}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "build-kernels":
+            return build_kernels(args)
         if args.command == "generate":
             generate(args)
         return 0
