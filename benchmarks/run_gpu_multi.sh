@@ -24,15 +24,16 @@ BP="benchmarks/bench_pipeline.py --out $RES --work-dir /tmp/dda_work ${BP_ARGS:-
 HB="benchmarks/bench_hunyuan_gpu.py --out $RES/hunyuan --check"
 GEN="-m diffusers_dist_attn generate --preset wan2.1-t2v-1.3b --height 480 --width 832 --num-frames 81 --steps 3 --dtype bf16 --format png"
 PHASE="${PHASE:-all}"
-if [ "$PHASE" = a ] || [ "$PHASE" = all ]; then  # Wan: 1, 2, 4 GPUs; generate on 4
+if [ "$PHASE" = a ] || [ "$PHASE" = all ]; then  # Wan: 1, 2, 4 GPUs; generate on 1, 2, 4
   step 130 wan1 $TR --nproc_per_node 1 $BP
   [ "$NGPU" -ge 2 ] && step 100 wan2 $TR --nproc_per_node 2 $BP
   [ "$NGPU" -ge 4 ] && step 100 wan4 $TR --nproc_per_node 4 $BP
-  [ "$NGPU" -ge 4 ] && step 100 gen4 $TR --nproc_per_node 4 $GEN --output-dir "$RES/generate" --name wan1.3b_480p_sp4
+  for n in 1 2 4; do  # the main job on the real 1.3B shape: per-step time and per-GPU peak memory (JSON report)
+    [ "$NGPU" -ge $n ] && step 120 "gen$n" $TR --nproc_per_node $n $GEN --output-dir "$RES/generate" --name "wan1.3b_480p_sp$n"
+  done
 fi
 if [ "$PHASE" = b ] || [ "$PHASE" = all ]; then  # HunyuanVideo 1, 2, 4 GPUs; hybrid ring layouts at 4
   step 100 wan1 $TR --nproc_per_node 1 $BP --no-backward  # 1 GPU: fwd+bwd of the 1.3B model at 480p does not fit
-  [ "$NGPU" -ge 4 ] && step 90 gen4 $TR --nproc_per_node 4 $GEN --output-dir "$RES/generate" --name wan1.3b_480p_sp4
   for n in 1 2 4; do [ "$NGPU" -ge $n ] && step 70 "hv$n" $TR --nproc_per_node $n $HB; done
   [ "$NGPU" -ge 4 ] && step 60 wan4r2 $TR --nproc_per_node 4 $BP --ring 2 --no-backward --sparsity
   [ "$NGPU" -ge 4 ] && step 60 wan4r4 $TR --nproc_per_node 4 $BP --ring 4 --no-backward --sparsity
