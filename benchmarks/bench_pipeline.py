@@ -167,7 +167,7 @@ def plot(folder: str) -> None:
         one = {r["variant"]: r for r in by_gpus.get(1, {}).get("results", [])}
         base = one.get("stock", {}).get("fwd_ms")
         lines.append(f"\n{key[0]} {key[1]} ({key[2]} layers), card: {next(iter(by_gpus.values()))['card']}")
-        lines.append("| GPUs | variant | fwd ms | speedup vs stock 1 GPU | scaling eff. | fwd+bwd ms | peak GiB |")
+        lines.append("| GPUs | variant | fwd ms | speedup vs stock 1 GPU | scaling eff. | fwd+bwd ms | peak GiB (fwd+bwd if run, else fwd) |")
         lines.append("|---|---|---|---|---|---|---|")
         for gpus, rec in sorted(by_gpus.items()):
             for r in rec["results"]:
