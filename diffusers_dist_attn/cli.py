@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gate-checkpoint-2", default=None, help="VSA: gate weights for `transformer_2` (Wan 2.2 A14B)")
     gen.add_argument("--vsa-implementation", choices=("auto", "cuda", "triton", "torch"), default=None)
     gen.add_argument("--sp", type=int, default=None, help="sequence-parallel degree (default: all processes)")
+    gen.add_argument("--ring", type=int, default=1,
+                     help="ring degree of a hybrid ulysses x ring layout (dense attention; Ulysses = sp / ring)")
     gen.add_argument("--prompt", default=None)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--height", type=int, default=None)
@@ -119,6 +121,11 @@ def _validate(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
         raise UsageError("--preset applies to the embedded pipeline; it cannot be combined with --model")
     if args.sp is not None and args.sp < 1:
         raise UsageError(f"--sp must be positive; got {args.sp}")
+    if args.ring < 1:
+        raise UsageError(f"--ring must be positive; got {args.ring}")
+    if args.ring > 1 and args.attention != "dense":
+        raise UsageError("--ring needs --attention dense (video sparse attention needs whole heads over the full "
+                         "sequence; stock and dense-local do not shard)")
 
 
 def _config_heads(model_path: str) -> int | None:
@@ -333,7 +340,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     args.gate_reports = {}
     fmt = _video_format(args.format)
     uses_sp = args.attention in ("dense", "vsa")
-    groups = init_sequence_parallel(args.sp if uses_sp else 1)
+    groups = init_sequence_parallel(args.sp if uses_sp else 1, ring=args.ring if args.ring > 1 else None)
     if not uses_sp and groups.world_size > 1 and args.sp not in (None, 1):
         raise UsageError(f"--attention {args.attention} runs without sequence parallelism; drop --sp {args.sp}")
     rank, device = groups.rank, groups.device
@@ -414,6 +421,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         "gate_checkpoints": args.gate_reports or None,
         "world_size": groups.world_size,
         "sp": groups.sp_size if uses_sp else 1,
+        "ulysses_x_ring": [groups.ulysses_size, groups.ring_size] if uses_sp else [1, 1],
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "height": args.height, "width": args.width, "num_frames": args.num_frames, "steps": args.steps,

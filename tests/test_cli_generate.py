@@ -170,3 +170,22 @@ def test_generate_data_parallel_replicas_write_their_own_seeds(tmp_path):
     assert [r["seed"] for r in reports] == [0, 1] and all(r["dp"] == 2 and r["sp"] == 1 for r in reports)
     assert all(r["check"]["max_abs_diff"] <= 1e-5 for r in reports)
     assert (out / "wan-dense-sp1-seed0.gif").read_bytes() != (out / "wan-dense-sp1-seed1.gif").read_bytes()
+
+
+@pytest.mark.slow
+def test_generate_four_processes_hybrid_ring_check(tmp_path):
+    """`--ring 2` on 4 processes: Ulysses 2 x ring 2 over the embedded tiny Wan equals one process."""
+    out = tmp_path / "out"
+    launcher = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "4"]
+    proc = _launch(launcher, ["--output-dir", str(out), "--check", "--ring", "2", "--steps", "2", "--name", "r"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "r.json").read_text())
+    assert report["world_size"] == 4 and report["sp"] == 4 and report["ulysses_x_ring"] == [2, 2]
+    assert report["check"]["max_abs_diff"] <= 1e-5 and report["check"]["max_abs_diff_latents"] <= 1e-5
+
+
+def test_ring_needs_dense_attention(capsys):
+    from diffusers_dist_attn.cli import main
+
+    assert main(["generate", "--attention", "vsa", "--ring", "2"]) == 2
+    assert "--ring needs --attention dense" in capsys.readouterr().err

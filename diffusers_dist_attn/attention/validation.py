@@ -63,7 +63,7 @@ def check_head_split(num_heads: int, world: int, *, ulysses: int | None = None, 
                f"sequence-parallel degree <= {num_heads}")
     else:
         fix = (f"run the rest as ring attention, e.g. init_sequence_parallel({world}, ulysses=u, ring={world}//u) "
-               f"with u in {valid_degrees(world, num_heads)} (plan_degrees(...) chooses)")
+               f"with u in {valid_degrees(world, num_heads)} (plan_degrees(...) chooses; CLI: --ring)")
     raise ValueError(
         f"{num_heads} attention heads cannot be split over a sequence-parallel degree of {world} "
         f"(Ulysses degree {ulysses} needs at least one head per rank); {fix}"
