@@ -21,7 +21,6 @@ import os
 import torch
 
 from . import triton_ops
-from .tiling import BLOCK
 
 __all__ = ["ENABLE_ENV", "is_available", "vsa_tiled_cuda"]
 
@@ -92,20 +91,5 @@ def vsa_tiled_cuda(
     """
     if not _supported(q):
         return triton_ops.vsa_tiled_triton(q, k, v, gate, block_sizes, topk, scale)
-    b, h, s, d = q.shape
-    if s % BLOCK or k.shape != q.shape or v.shape != q.shape or (gate is not None and gate.shape != q.shape):
-        raise ValueError(f"q, k, v, gate must share a [B, H, 64*N, D] shape; got {q.shape}, {k.shape}, {v.shape}")
-    n = s // BLOCK
-    if block_sizes.numel() != n:
-        raise ValueError(f"block_sizes has {block_sizes.numel()} entries for {n} blocks")
-    if not 1 <= topk <= n:
-        raise ValueError(f"topk must be in [1, {n}], got {topk}")
-    if k.dtype != q.dtype or v.dtype != q.dtype or (gate is not None and gate.dtype != q.dtype):
-        raise ValueError("q, k, v and gate must share one dtype")
-    scale = d**-0.5 if scale is None else float(scale)
-    tensors = (q, k, v) if gate is None else (q, k, v, gate)
-    save_out_s = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    gate = None if gate is None else gate.contiguous()
-    sizes = block_sizes.to(device=q.device, dtype=torch.int32).contiguous()
-    return torch.ops.diffusers_dist_attn.vsa_fwd_cuda(q, k, v, gate, sizes, int(topk), scale, save_out_s)[0]
+    args = triton_ops.prepare_tiled(q, k, v, gate, block_sizes, topk, scale)
+    return torch.ops.diffusers_dist_attn.vsa_fwd_cuda(*args)[0]

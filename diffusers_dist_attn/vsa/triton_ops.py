@@ -252,7 +252,16 @@ def vsa_tiled_triton(
     per query block (ties to the lower block index). Differentiable in q, k, v and gate. bf16/fp16 run the
     Triton kernels on CUDA; other dtypes fall back to the reference.
     """
-    b, h, s, d = q.shape
+    if q.dtype not in _KERNEL_DTYPES:
+        check_tiled(q, k, v, gate, block_sizes, topk)
+        return vsa_tiled_reference(q, k, v, gate, block_sizes, topk, q.shape[-1] ** -0.5 if scale is None else scale)
+    args = prepare_tiled(q, k, v, gate, block_sizes, topk, scale)
+    return torch.ops.diffusers_dist_attn.vsa_fwd(*args)[0]
+
+
+def check_tiled(q, k, v, gate, block_sizes: torch.Tensor, topk: int) -> int:
+    """Validate tiled `[B, H, 64*N, D]` inputs of the VSA ops; returns N."""
+    s = q.shape[2]
     if s % BLOCK or k.shape != q.shape or v.shape != q.shape or (gate is not None and gate.shape != q.shape):
         raise ValueError(f"q, k, v, gate must share a [B, H, 64*N, D] shape; got {q.shape}, {k.shape}, {v.shape}")
     n = s // BLOCK
@@ -260,12 +269,17 @@ def vsa_tiled_triton(
         raise ValueError(f"block_sizes has {block_sizes.numel()} entries for {n} blocks")
     if not 1 <= topk <= n:
         raise ValueError(f"topk must be in [1, {n}], got {topk}")
-    scale = d**-0.5 if scale is None else float(scale)
-    if q.dtype not in _KERNEL_DTYPES:
-        return vsa_tiled_reference(q, k, v, gate, block_sizes, topk, scale)
+    if k.dtype != q.dtype or v.dtype != q.dtype or (gate is not None and gate.dtype != q.dtype):
+        raise ValueError("q, k, v and gate must share one dtype")
+    return n
+
+
+def prepare_tiled(q, k, v, gate, block_sizes: torch.Tensor, topk: int, scale: float | None) -> tuple:
+    """Checked, contiguous arguments `(q, k, v, gate, sizes, topk, scale, save_out_s)` of the forward ops."""
+    check_tiled(q, k, v, gate, block_sizes, topk)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = (q, k, v) if gate is None else (q, k, v, gate)
     save_out_s = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     gate = None if gate is None else gate.contiguous()
     sizes = block_sizes.to(device=q.device, dtype=torch.int32).contiguous()
-    return torch.ops.diffusers_dist_attn.vsa_fwd(q, k, v, gate, sizes, int(topk), scale, save_out_s)[0]
+    return q.contiguous(), k.contiguous(), v.contiguous(), gate, sizes, int(topk), scale, save_out_s
