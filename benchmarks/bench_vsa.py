@@ -89,6 +89,11 @@ def _sparse_methods(topk: int, block_sizes: torch.Tensor):
     from diffusers_dist_attn.vsa import triton_ops
 
     methods = {"vsa_triton": lambda q, k, v, g: triton_ops.vsa_tiled_triton(q, k, v, g, block_sizes, topk)}
+    cuda_ext = _cuda_ext()
+    if cuda_ext is not None:
+        from diffusers_dist_attn.vsa import cuda_ops
+
+        methods["vsa_cuda"] = lambda q, k, v, g: cuda_ops.vsa_tiled_cuda(q, k, v, g, block_sizes, topk)
     try:
         os.environ.setdefault("FASTVIDEO_VSA_TRITON", "1")
         import fastvideo_kernel
@@ -99,6 +104,17 @@ def _sparse_methods(topk: int, block_sizes: torch.Tensor):
     except Exception as exc:  # noqa: BLE001 - optional dependency, any import failure means "absent"
         print(f"fastvideo_kernel not usable: {type(exc).__name__}: {exc}")
     return methods
+
+
+def _cuda_ext():
+    """The built sm_90a extension when `cuda_ops.is_available()` (env opt-in, sm_90, built), else None."""
+    from diffusers_dist_attn.vsa import cuda_ops
+
+    if not cuda_ops.is_available():
+        return None
+    from diffusers_dist_attn.vsa.cuda_build import load_extension
+
+    return load_extension()
 
 
 def _row(shape, method, sparsity, topk, fwd, fwdbwd, cudnn) -> dict:
@@ -168,7 +184,7 @@ def _stage_fns(st: dict) -> dict:
 
     q, k, v, g, bs, scale, topk = (st[x] for x in ("q", "k", "v", "g", "bs", "scale", "topk"))
     grad = (q, k, v, st["dout"], st["lse"], st["delta"])
-    return {
+    fns = {
         "block_means": lambda: kern.block_means(q, k, v, bs),
         "coarse_select": lambda: kern.coarse_select(st["qc"], st["kc"], st["vc"], topk, scale),
         "sparse_fwd": lambda: kern.sparse_fwd(q, k, v, g, st["out_c"], st["idx"], st["num"], bs, scale, False),
@@ -180,6 +196,13 @@ def _stage_fns(st: dict) -> dict:
             *grad, st["dkc"], st["dvc"], st["k2q"], st["k2qn"], bs, scale, topk == bs.numel()
         ),
     }
+    ext = _cuda_ext()
+    if ext is not None:  # the sm_90a fine-stage forward on the same lists, writing into preallocated outputs
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+        fns["sparse_fwd_cuda"] = lambda: ext.sparse_fwd(
+            q, k, v, g, st["out_c"], st["idx"], st["num"], bs, scale, out, None, lse
+        )
+    return fns
 
 
 def breakdown(shape, sparsity) -> dict:
@@ -188,6 +211,8 @@ def breakdown(shape, sparsity) -> dict:
     res = {name: _median_ms(fn) for name, fn in _stage_fns(st).items()}
     fine = 4.0 * shape[0] * shape[1] * shape[2] * 64 * st["topk"] * shape[3]
     res["sparse_fwd_tflops"] = fine / res["sparse_fwd"] / 1e9
+    if "sparse_fwd_cuda" in res:
+        res["sparse_fwd_cuda_tflops"] = fine / res["sparse_fwd_cuda"] / 1e9
     res["bwd_dq_tflops"] = 1.5 * fine / res["bwd_dq"] / 1e9  # 3 matmuls
     res["bwd_dkdv_tflops"] = 2.0 * fine / res["bwd_dkdv"] / 1e9  # 4 matmuls
     res["profile_fwdbwd"] = _profile_fwdbwd(st)
