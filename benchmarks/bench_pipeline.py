@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -73,6 +74,59 @@ def _time(fn, iters: int, warmup: int) -> list[float]:
     return times
 
 
+# Kernel-name patterns -> where the time goes (first match wins; lower-case names).
+KERNEL_CATEGORIES = (
+    ("communication", ("nccl",)),
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn", "_fwd_kernel", "_bwd_", "_coarse_kernel",
+                   "_block_mean_kernel", "_k2q_kernel", "vsa_fwd_kernel")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "splitk")),
+    ("copies", ("copy", "cat", "memcpy", "memset", "fill", "pad", "index", "gather", "scatter", "transpose",
+                "permute", "clone")),
+    ("norm_elementwise", ("norm", "elementwise", "vectorized", "reduce", "softmax", "triton_")),
+)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for category, keys in KERNEL_CATEGORIES:
+        if any(key in low for key in keys):
+            return category
+    return "other"
+
+
+def _profile_forward(model, inputs) -> dict:
+    """One profiled transformer forward: GPU kernel time per category (ms), the busy time (union of kernel
+    intervals, streams overlapped), the step's wall time, and the 12 most expensive kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        model(**inputs)  # warm
+        torch.cuda.synchronize()
+        dist.barrier() if dist.is_initialized() else None
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(**inputs)
+            end.record()
+            torch.cuda.synchronize()
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    by_cat: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for name, t0, t1 in kernels:
+        by_cat[_category(name)] = by_cat.get(_category(name), 0.0) + (t1 - t0) / 1e3
+        by_name[name] = by_name.get(name, 0.0) + (t1 - t0) / 1e3
+    busy, last = 0.0, None
+    for _, t0, t1 in sorted(kernels, key=lambda k: k[1]):
+        if last is None or t0 > last:
+            busy, last = busy + (t1 - t0), t1
+        elif t1 > last:
+            busy, last = busy + (t1 - last), t1
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"wall_ms": start.elapsed_time(end), "busy_ms": busy / 1e3, "kernel_ms": dict(sorted(by_cat.items())),
+            "top_kernels": [{"name": n[:160], "ms": t, "category": _category(n)} for n, t in top]}
+
+
 def _measure(name, model, inputs, args, device) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
@@ -83,6 +137,15 @@ def _measure(name, model, inputs, args, device) -> dict:
         out = model(**inputs)[0].float()
     result = {"variant": name, "fwd_ms": statistics.median(fwd), "fwd_all_ms": fwd,
               "fwd_peak_gib": fwd_peak / 2**30}
+    if args.profile:
+        prof = _profile_forward(model, inputs)
+        if dist.is_initialized():  # every rank's breakdown (load imbalance shows up as NCCL wait)
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, prof)
+            prof = {"rank0": ranks[0], "per_rank_kernel_ms": [r["kernel_ms"] for r in ranks]}
+        else:
+            prof = {"rank0": prof, "per_rank_kernel_ms": [prof["kernel_ms"]]}
+        result["profile_fwd"] = prof
     if args.backward:
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -113,22 +176,29 @@ def run(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     stock_path = work / f"stock_{args.model}_{args.resolution}_{config['num_layers']}l.pt"
     results = []
-    if world == 1:
+    wanted = (lambda name: True) if not args.variants else (lambda name: name in args.variants)
+    if world == 1 and (wanted("stock") or not stock_path.exists()):
         res, out = _measure("stock", model, inputs, args, device)
         torch.save(out.cpu(), stock_path)
         results.append(res)
     variants = [("ours_dense", "dense", 0.0)] + [(f"ours_vsa_{s}", "vsa", s) for s in args.sparsity]
     if world == 1:
         variants.insert(1, ("ours_local", "local", 0.0))  # LocalAttention processors: no sharding machinery
+    if world > 1:  # head-chunked Ulysses with communication overlapped (DistributedAttention's comm_chunks)
+        variants += [(f"{name}_c{c}", attention, sparsity) for c in args.comm_chunks if c > 1
+                     for name, attention, sparsity in list(variants)]
     if args.ring > 1:  # hybrid layout: dense attention is Ulysses x ring; VSA always runs pure Ulysses
         variants = [(f"ours_dense_u{world // args.ring}xr{args.ring}", "dense", 0.0)]
-    for name, attention, sparsity in variants:
+    for name, attention, sparsity in [v for v in variants if wanted(v[0])]:
+        chunks = re.search(r"_c(\d+)$", name).group(1) if re.search(r"_c(\d+)$", name) else "1"
+        os.environ["DIFFUSERS_DIST_ATTN_COMM_CHUNKS"] = chunks  # read when parallelize builds the layers
         with parallelize(model, attention=attention, sparsity=sparsity):
             res, out = _measure(name, model, inputs, args, device)
+        os.environ.pop("DIFFUSERS_DIST_ATTN_COMM_CHUNKS")
         if attention in ("dense", "local") and stock_path.exists():
             res["max_abs_diff_vs_stock_1gpu"] = (out - torch.load(stock_path).to(device)).abs().max().item()
         results.append(res)
-    if world > 1 and args.diffusers_cp and args.ring == 1:
+    if world > 1 and args.diffusers_cp and args.ring == 1 and wanted("diffusers_cp"):
         from diffusers import ContextParallelConfig
 
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
@@ -147,6 +217,11 @@ def run(args) -> None:
         path = out_dir / f"pipeline_{args.model}_{args.resolution}_{config['num_layers']}l_{world}gpu{ring}.json"
         path.write_text(json.dumps(record, indent=1))
         for r in results:
+            if "profile_fwd" in r:
+                p0 = r["profile_fwd"]["rank0"]
+                cats = "  ".join(f"{k} {v:.1f}" for k, v in p0["kernel_ms"].items())
+                print(f"{world} GPU {r['variant']:>16}: profiled fwd wall {p0['wall_ms']:.1f} ms, GPU busy "
+                      f"{p0['busy_ms']:.1f} ms; kernel ms (rank 0): {cats}")
             print(f"{world} GPU {r['variant']:>16}: fwd {r['fwd_ms']:8.1f} ms  fwd+bwd {r.get('fwdbwd_ms') or float('nan'):8.1f} ms"
                   f"  peak {r.get('fwdbwd_peak_gib', r['fwd_peak_gib']):6.2f} GiB"
                   + (f"  diff {r['max_abs_diff_vs_stock_1gpu']:.3g}" if "max_abs_diff_vs_stock_1gpu" in r else ""))
@@ -214,6 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-backward", dest="backward", action="store_false")
     parser.add_argument("--no-diffusers-cp", dest="diffusers_cp", action="store_false")
+    parser.add_argument("--profile", action="store_true", help="also profile one forward per variant (kernel time "
+                        "per category: attention, GEMMs, communication, copies, norms/elementwise)")
+    parser.add_argument("--comm-chunks", type=int, nargs="*", default=[],
+                        help="also run ours with the heads in N chunks, communication overlapped (P > 1)")
+    parser.add_argument("--variants", nargs="*", help="only these variants (e.g. stock ours_dense ours_vsa_0.875 "
+                        "diffusers_cp)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--work-dir", default=os.environ.get("TMPDIR", "/tmp") + "/dda_bench")
     parser.add_argument("--plot", metavar="FOLDER", help="only print the table and write PNGs from FOLDER")

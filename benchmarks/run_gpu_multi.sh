@@ -2,7 +2,9 @@
 # One device call on a 4-GPU machine: Wan pipeline benchmark (1, 2, 4 GPUs; hybrid ring layouts at 4),
 # HunyuanVideo benchmark (1, 2, 4 GPUs) and the `generate` main job on the real Wan 1.3B shape.
 # Everything lands in $OUT/multi_<PHASE>.tar.gz (+ multi.log). diffusers travels as a wheel in .carry/wheels/.
-#   PHASE=a|b|all OUT=/tmp/out bash benchmarks/run_gpu_multi.sh
+#   PHASE="a|b|gen|prof ..."|all OUT=/tmp/out bash benchmarks/run_gpu_multi.sh
+# a: Wan benchmark on 1/2/4 GPUs + generate; b: HunyuanVideo + hybrid layouts; gen: only generate on 1/2/4;
+# prof: one profiled forward per variant (kernel time per category) on 1 and 4 GPUs (issue 8's breakdown).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT="${OUT:-/tmp/multi_out}"
@@ -24,15 +26,23 @@ BP="benchmarks/bench_pipeline.py --out $RES --work-dir /tmp/dda_work ${BP_ARGS:-
 HB="benchmarks/bench_hunyuan_gpu.py --out $RES/hunyuan --check"
 GEN="-m diffusers_dist_attn generate --preset wan2.1-t2v-1.3b --height 480 --width 832 --num-frames 81 --steps 3 --dtype bf16 --format png"
 PHASE="${PHASE:-all}"
-if [ "$PHASE" = a ] || [ "$PHASE" = all ]; then  # Wan: 1, 2, 4 GPUs; generate on 1, 2, 4
+has() { [ "$PHASE" = all ] || [[ " $PHASE " == *" $1 "* ]]; }
+if has a; then  # Wan: 1, 2, 4 GPUs
   step 130 wan1 $TR --nproc_per_node 1 $BP --no-backward  # 1 GPU: fwd+bwd of the 1.3B model at 480p does not fit
   [ "$NGPU" -ge 2 ] && step 100 wan2 $TR --nproc_per_node 2 $BP
   [ "$NGPU" -ge 4 ] && step 100 wan4 $TR --nproc_per_node 4 $BP
+fi
+if has prof; then  # where the time goes: 1 GPU (stock, ours dense, VSA) and 4 GPUs (ours dense, VSA, diffusers CP)
+  PP="benchmarks/bench_pipeline.py --out $RES/profile --work-dir /tmp/dda_work --profile --no-backward --iters 3 --warmup 1 --sparsity 0.875"
+  step 150 prof1 $TR --nproc_per_node 1 $PP --variants stock ours_dense ours_vsa_0.875
+  [ "$NGPU" -ge 4 ] && step 150 prof4 $TR --nproc_per_node 4 $PP --variants ours_dense ours_vsa_0.875 diffusers_cp ours_dense_c3 ours_vsa_0.875_c3 --comm-chunks 3
+fi
+if has a || has gen; then  # the main job on the real 1.3B shape: generate on 1, 2, 4 GPUs
   for n in 1 2 4; do  # the main job on the real 1.3B shape: per-step time and per-GPU peak memory (JSON report)
     [ "$NGPU" -ge $n ] && step 120 "gen$n" $TR --nproc_per_node $n $GEN --output-dir "$RES/generate" --name "wan1.3b_480p_sp$n"
   done
 fi
-if [ "$PHASE" = b ] || [ "$PHASE" = all ]; then  # HunyuanVideo 1, 2, 4 GPUs; hybrid ring layouts at 4
+if has b; then  # HunyuanVideo 1, 2, 4 GPUs; hybrid ring layouts at 4
   for n in 1 2 4; do [ "$NGPU" -ge $n ] && step 70 "hv$n" $TR --nproc_per_node $n $HB; done
   [ "$NGPU" -ge 4 ] && step 60 wan4r2 $TR --nproc_per_node 4 $BP --ring 2 --no-backward --sparsity
   [ "$NGPU" -ge 4 ] && step 60 wan4r4 $TR --nproc_per_node 4 $BP --ring 4 --no-backward --sparsity
@@ -40,5 +50,5 @@ fi
 python3 benchmarks/bench_pipeline.py --plot "$RES" >"$RES/pipeline_table.md" 2>&1
 cat "$RES/pipeline_table.md" | tee -a "$OUT/multi.log"
 rm -rf "$RES"/generate/*/ "$RES"/generate/*.png
-tar -czf "$OUT/multi_$PHASE.tar.gz" -C "$RES" . 2>/dev/null
+tar -czf "$OUT/multi_${PHASE// /_}.tar.gz" -C "$RES" . 2>/dev/null
 log "done"

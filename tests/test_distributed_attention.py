@@ -89,3 +89,53 @@ def test_padded_replicated_keys_get_no_weight():
     rk2[~mask], rv2[~mask] = 1e3, -1e3
     out2, rep2 = layer(q, k, v, rq, rk2, rv2, replicated_mask=mask)
     assert torch.equal(out, out2) and torch.equal(rep, rep2)
+
+
+def _chunked_body(rank, world, chunk_counts):
+    """Dense (RoPE, uneven S) and VSA (gate) layers at several `comm_chunks`: outputs and input gradients."""
+    from diffusers_dist_attn import DistributedAttention_VSA
+
+    group = get_sequence_parallel_groups().sp_group
+    torch.manual_seed(1)
+    heads, seq, grid = 8, 18, (3, 2, 3)  # 18 tokens: uneven over 4 ranks
+    base = [torch.randn(B, seq, heads, D) for _ in range(4)]
+    angles = torch.randn(seq, D // 2)
+    freqs = (angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1))
+    w = torch.randn(B, seq, heads, D)
+    results = []
+    for chunks in chunk_counts:
+        for vsa in (False, True):
+            leaves = [t.clone().requires_grad_() for t in base]
+            q, k, v, g = (shard_sequence(t, group)[0] for t in leaves)
+            if vsa:
+                layer = DistributedAttention_VSA(heads, D, comm_chunks=chunks)
+                out, _ = layer(q, k, v, gate_compress=g, original_seq_len=seq, grid_size=grid, sparsity=0.5)
+            else:
+                layer = DistributedAttention(heads, D, comm_chunks=chunks)
+                out, _ = layer(q, k, v, original_seq_len=seq, freqs_cis=freqs)
+            full = gather_sequence(out, group, 1, seq)
+            (full * w).sum().backward()
+            results.append((full.detach(), [t.grad for t in leaves if t.grad is not None]))
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_comm_chunks_pipelined_equals_one_chunk(world):
+    """Head-chunked, communication-overlapped Ulysses (`comm_chunks`) = the one-chunk path (outputs, grads)."""
+    counts = (1, 2, 4) if world == 2 else (1, 2)
+    for per_layer in run_distributed(world, _chunked_body, counts):
+        one_dense, one_vsa = per_layer[0], per_layer[1]
+        for i in range(2, len(per_layer), 2):
+            for got, want in ((per_layer[i], one_dense), (per_layer[i + 1], one_vsa)):
+                assert (got[0] - want[0]).abs().max() <= 1e-6
+                assert len(got[1]) == len(want[1]) >= 3
+                for g, rg in zip(got[1], want[1], strict=True):
+                    assert (g - rg).abs().max() <= 1e-6
+
+
+def test_comm_chunks_rejects_bad_values(monkeypatch):
+    with pytest.raises(ValueError, match="comm_chunks"):
+        DistributedAttention(H, D, comm_chunks=0)
+    monkeypatch.setenv("DIFFUSERS_DIST_ATTN_COMM_CHUNKS", "two")
+    with pytest.raises(ValueError, match="DIFFUSERS_DIST_ATTN_COMM_CHUNKS"):
+        DistributedAttention(H, D)
