@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -184,17 +183,11 @@ def run(args) -> None:
     variants = [("ours_dense", "dense", 0.0)] + [(f"ours_vsa_{s}", "vsa", s) for s in args.sparsity]
     if world == 1:
         variants.insert(1, ("ours_local", "local", 0.0))  # LocalAttention processors: no sharding machinery
-    if world > 1:  # head-chunked Ulysses with communication overlapped (DistributedAttention's comm_chunks)
-        variants += [(f"{name}_c{c}", attention, sparsity) for c in args.comm_chunks if c > 1
-                     for name, attention, sparsity in list(variants)]
     if args.ring > 1:  # hybrid layout: dense attention is Ulysses x ring; VSA always runs pure Ulysses
         variants = [(f"ours_dense_u{world // args.ring}xr{args.ring}", "dense", 0.0)]
     for name, attention, sparsity in [v for v in variants if wanted(v[0])]:
-        chunks = re.search(r"_c(\d+)$", name).group(1) if re.search(r"_c(\d+)$", name) else "1"
-        os.environ["DIFFUSERS_DIST_ATTN_COMM_CHUNKS"] = chunks  # read when parallelize builds the layers
         with parallelize(model, attention=attention, sparsity=sparsity):
             res, out = _measure(name, model, inputs, args, device)
-        os.environ.pop("DIFFUSERS_DIST_ATTN_COMM_CHUNKS")
         if attention in ("dense", "local") and stock_path.exists():
             res["max_abs_diff_vs_stock_1gpu"] = (out - torch.load(stock_path).to(device)).abs().max().item()
         results.append(res)
@@ -291,8 +284,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-diffusers-cp", dest="diffusers_cp", action="store_false")
     parser.add_argument("--profile", action="store_true", help="also profile one forward per variant (kernel time "
                         "per category: attention, GEMMs, communication, copies, norms/elementwise)")
-    parser.add_argument("--comm-chunks", type=int, nargs="*", default=[],
-                        help="also run ours with the heads in N chunks, communication overlapped (P > 1)")
     parser.add_argument("--variants", nargs="*", help="only these variants (e.g. stock ours_dense ours_vsa_0.875 "
                         "diffusers_cp)")
     parser.add_argument("--out", default="benchmarks/results")

@@ -19,7 +19,7 @@ step() {  # step SECONDS NAME COMMAND...
   log "start $name"
   timeout "$limit" "$@" >>"$OUT/$name.log" 2>&1
   log "end $name (exit $?)"
-  tail -n 12 "$OUT/$name.log" | tee -a "$OUT/multi.log"
+  tail -n 20 "$OUT/$name.log" | tee -a "$OUT/multi.log"
 }
 TR="torchrun --standalone"
 BP="benchmarks/bench_pipeline.py --out $RES --work-dir /tmp/dda_work ${BP_ARGS:-}"
@@ -35,7 +35,7 @@ fi
 if has prof; then  # where the time goes: 1 GPU (stock, ours dense, VSA) and 4 GPUs (ours dense, VSA, diffusers CP)
   PP="benchmarks/bench_pipeline.py --out $RES/profile --work-dir /tmp/dda_work --profile --no-backward --iters 3 --warmup 1 --sparsity 0.875"
   step 150 prof1 $TR --nproc_per_node 1 $PP --variants stock ours_dense ours_vsa_0.875
-  [ "$NGPU" -ge 4 ] && step 150 prof4 $TR --nproc_per_node 4 $PP --variants ours_dense ours_vsa_0.875 diffusers_cp ours_dense_c3 ours_vsa_0.875_c3 --comm-chunks 3
+  [ "$NGPU" -ge 4 ] && step 150 prof4 $TR --nproc_per_node 4 $PP --variants ours_dense ours_vsa_0.875 diffusers_cp
 fi
 if has a || has gen; then  # the main job on the real 1.3B shape: generate on 1, 2, 4 GPUs
   for n in 1 2 4; do  # the main job on the real 1.3B shape: per-step time and per-GPU peak memory (JSON report)

@@ -7,7 +7,6 @@ process group, backend override) are keyword-only extras, so code written agains
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -22,9 +21,7 @@ from ..distributed.collectives import (
     group_size,
     head_offset,
     heads_to_sequence,
-    heads_to_sequence_async,
     sequence_to_heads,
-    sequence_to_heads_async,
 )
 from ..distributed.groups import SINGLE_PROCESS, get_sequence_parallel_groups, sp_layout
 from ..distributed.ring import ring_attention
@@ -36,8 +33,7 @@ from .validation import check_grid, check_head_split, check_qkv, check_replicate
 
 __all__ = ["LocalAttention", "DistributedAttention", "DistributedAttention_VSA"]
 
-_EXTRA_ARGS = ("process_group", "default_backend", "comm_chunks")
-COMM_CHUNKS_ENV = "DIFFUSERS_DIST_ATTN_COMM_CHUNKS"
+_EXTRA_ARGS = ("process_group", "default_backend")
 
 
 class _AttentionBase(nn.Module):
@@ -73,11 +69,6 @@ class _AttentionBase(nn.Module):
         default = extra_impl_args.get("default_backend")
         self.backend = None if default is None else AttentionBackendEnum.parse(default)
         self.process_group: dist.ProcessGroup | None = extra_impl_args.get("process_group")
-        chunks = extra_impl_args.get("comm_chunks")
-        chunks = os.environ.get(COMM_CHUNKS_ENV, "1") if chunks is None else chunks
-        if not str(chunks).strip().isdigit() or int(chunks) < 1:
-            raise ValueError(f"comm_chunks (or env {COMM_CHUNKS_ENV}) must be a positive integer; got {chunks!r}")
-        self.comm_chunks = int(chunks)
 
     def _dense(self, q, k, v, key_mask=None) -> torch.Tensor:
         return dense_attention(
@@ -232,9 +223,6 @@ class DistributedAttention(_AttentionBase):
         block = padded_len // ring_world
         start = group_rank(ring) * block
         valid = min(max(seq_len - start, 0), block)
-        chunks = self.comm_chunks
-        if chunks > 1 and ring_world == 1 and not has_rep and num_heads % (world * chunks) == 0 and world > 1:
-            return self._run_pipelined(tensors, group, valid, freqs_cis, chunks, attend_kwargs), None
         q, k, v, *rest = self._to_heads(tensors, group, valid)
         if freqs_cis is not None:
             if ring_world > 1:
@@ -264,31 +252,6 @@ class DistributedAttention(_AttentionBase):
             return [t[:, :seq_len] for t in tensors]
         stacked = sequence_to_heads(torch.cat(tensors, 0), group)[:, :seq_len]
         return list(stacked.chunk(len(tensors), 0))
-
-    def _run_pipelined(self, tensors, group, seq_len, freqs_cis, chunks, attend_kwargs) -> torch.Tensor:
-        """Ulysses with the heads in `chunks` groups, communication overlapped with attention.
-
-        All chunks' all-to-alls are issued first (NCCL works through them while the GPU computes); chunk c's
-        attention starts when its q/k/v have arrived, and its output all-to-all runs during chunk c + 1's
-        attention. Chunk c holds heads `p * H/P + c * h + j` (h = H / (P * chunks)), so every rank keeps its
-        own contiguous heads; the result equals the one-chunk path exactly. Pure Ulysses, no replicated tokens.
-        `tensors`: q, k, v (+ gate), each `[B, S_loc, H, D]` -> `[B, S_loc, H, D]`.
-        """
-        world, n = group_size(group), len(tensors)
-        h = tensors[0].shape[2] // (world * chunks)
-        stacked = torch.cat(tensors, 0).unflatten(2, (world, chunks, h))  # [n*B, S_loc, P, chunks, h, D]
-        pending = [sequence_to_heads_async(stacked[:, :, :, c].flatten(2, 3), group) for c in range(chunks)]
-        sent = []
-        for chunk in pending:
-            q, k, v, *rest = chunk.wait()[:, :seq_len].chunk(n, 0)  # [B, seq_len, h, D]
-            if freqs_cis is not None:
-                q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
-            out, _ = self._attend(q, k, v, rest[0] if rest else None, None, None, None, None, **attend_kwargs)
-            padded = tensors[0].shape[1] * world
-            if padded != seq_len:
-                out = F.pad(out, (0, 0, 0, 0, 0, padded - seq_len))
-            sent.append(heads_to_sequence_async(out, group))
-        return torch.stack([s.wait().unflatten(2, (world, h)) for s in sent], 3).flatten(2, 4)
 
     def _attend_ring(self, q, k, v, rq, rk, rv, replicated_mask, ring, block, seq_len, backend):
         """Ring attention of this rank's video block (and, on ring rank 0, the replicated queries) over all

@@ -8,7 +8,6 @@ without graph breaks, and their backward is the adjoint of the forward:
 |---|---|---|
 | `sequence_to_heads` | `[B, S/P, H, D] -> [B, S, H_r, D]` (all-to-all) | `heads_to_sequence` |
 | `heads_to_sequence` | `[B, S, H_r, D] -> [B, S/P, H, D]` (all-to-all) | `sequence_to_heads` |
-| `*_async` variants | the same, returning a `PendingCollective` (`.wait()` gives the tensor) | same |
 | `all_gather_heads` | `[B, L, H_r, D] -> [B, L, H, D]` | reduce-scatter (sum) |
 | `broadcast_from_first` | group rank 0's tensor on every rank | sum of the grads to rank 0 |
 | `gather_sequence` | all-gather along `dim`, trim to the original length | reduce-scatter (sum) |
@@ -40,14 +39,9 @@ def _needs_autograd(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
-def _all_to_all_async(x: torch.Tensor, output_splits, input_splits, group) -> torch.Tensor:
-    """Issue the all-to-all; the result may still be in flight (pass it through `_waited` before use)."""
-    op = funcol.all_to_all_single_autograd if _needs_autograd(x) else funcol.all_to_all_single
-    return op(x, output_splits, input_splits, group)
-
-
 def _all_to_all(x: torch.Tensor, output_splits, input_splits, group) -> torch.Tensor:
-    return _waited(_all_to_all_async(x, output_splits, input_splits, group))
+    op = funcol.all_to_all_single_autograd if _needs_autograd(x) else funcol.all_to_all_single
+    return _waited(op(x, output_splits, input_splits, group))
 
 
 def _all_gather_autograd(x: torch.Tensor, gather_dim: int, group) -> torch.Tensor:
@@ -58,10 +52,7 @@ __all__ = [
     "group_size",
     "group_rank",
     "sequence_to_heads",
-    "sequence_to_heads_async",
     "heads_to_sequence",
-    "heads_to_sequence_async",
-    "PendingCollective",
     "all_gather_heads",
     "shard_sequence",
     "gather_sequence",
@@ -123,24 +114,6 @@ def head_offset(num_heads: int, world: int, rank: int) -> int:
     return sum(head_split(num_heads, world)[:rank])
 
 
-class PendingCollective:
-    """An all-to-all in flight: `wait()` completes it and returns the result in its final layout.
-
-    Issue several, then wait in order, and the later ones run on NCCL's stream while the GPU computes on the
-    earlier ones (e.g. attention on one head chunk while the next chunk's q/k/v arrive).
-    """
-
-    def __init__(self, recv: torch.Tensor, finish) -> None:
-        self._recv, self._finish = recv, finish
-
-    def wait(self) -> torch.Tensor:
-        return self._finish(_waited(self._recv))
-
-
-def _done(x: torch.Tensor) -> PendingCollective:
-    return PendingCollective(x, lambda t: t)
-
-
 def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """All-to-all `[B, S_loc, H, D] -> [B, P*S_loc, H_r, D]`: scatter heads, gather the sequence.
 
@@ -148,29 +121,20 @@ def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch
     rank's sequence shard, concatenated in rank order. Uneven head counts use split sizes (backward too).
     Callers stack q, k, v (and the VSA gate) along the batch dim so one collective moves all of them.
     """
-    return sequence_to_heads_async(x, group).wait()
-
-
-def sequence_to_heads_async(x: torch.Tensor, group: dist.ProcessGroup | None) -> PendingCollective:
-    """`sequence_to_heads`, started now and completed by `.wait()`."""
     world = group_size(group)
     if world == 1:
-        return _done(x)
+        return x
     b, s_loc, h, d = x.shape
     splits = head_split(h, world)
     h_me = splits[group_rank(group)]
     send = x.permute(2, 1, 0, 3).contiguous().flatten()  # [H, S_loc, B, D]: heads of rank j are contiguous
     unit = s_loc * b * d
     even = h % world == 0
-    recv = _all_to_all_async(
+    recv = _all_to_all(
         send, None if even else [h_me * unit] * world, None if even else [n * unit for n in splits], group
     )
-
-    def finish(recv: torch.Tensor) -> torch.Tensor:
-        recv = recv.reshape(world, h_me, s_loc, b, d)  # chunk j from rank j
-        return recv.permute(3, 0, 2, 1, 4).reshape(b, world * s_loc, h_me, d)
-
-    return PendingCollective(recv, finish)
+    recv = recv.reshape(world, h_me, s_loc, b, d)  # chunk j from rank j
+    return recv.permute(3, 0, 2, 1, 4).reshape(b, world * s_loc, h_me, d)
 
 
 def heads_to_sequence(
@@ -180,16 +144,9 @@ def heads_to_sequence(
 
     `num_heads`: the total H when the heads are split unevenly (`head_split`); default `P * H_r`.
     """
-    return heads_to_sequence_async(x, group, num_heads).wait()
-
-
-def heads_to_sequence_async(
-    x: torch.Tensor, group: dist.ProcessGroup | None, num_heads: int | None = None
-) -> PendingCollective:
-    """`heads_to_sequence`, started now and completed by `.wait()`."""
     world = group_size(group)
     if world == 1:
-        return _done(x)
+        return x
     b, s, h_me, d = x.shape
     s_loc = s // world
     splits = head_split(world * h_me if num_heads is None else num_heads, world)
@@ -198,14 +155,11 @@ def heads_to_sequence_async(
     send = x.reshape(b, world, s_loc, h_me, d).permute(1, 3, 2, 0, 4).contiguous().flatten()  # [P, H_r, S_loc, B, D]
     unit = s_loc * b * d
     even = len(set(splits)) == 1
-    recv = _all_to_all_async(
+    recv = _all_to_all(
         send, None if even else [n * unit for n in splits], None if even else [h_me * unit] * world, group
     )
-
-    def finish(recv: torch.Tensor) -> torch.Tensor:
-        return recv.reshape(sum(splits), s_loc, b, d).permute(2, 1, 0, 3)  # heads in global order
-
-    return PendingCollective(recv, finish)
+    recv = recv.reshape(sum(splits), s_loc, b, d)  # heads in global order
+    return recv.permute(2, 1, 0, 3)
 
 
 def all_gather_heads(x: torch.Tensor, group: dist.ProcessGroup | None, num_heads: int | None = None) -> torch.Tensor:
