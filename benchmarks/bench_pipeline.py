@@ -165,6 +165,7 @@ def _measure(name, model, inputs, args, device) -> dict:
 
 def run(args) -> None:
     from diffusers_dist_attn import init_sequence_parallel
+    from diffusers_dist_attn.attention import rotary
     from diffusers_dist_attn.models import parallelize
 
     groups = init_sequence_parallel(ring=args.ring if args.ring > 1 else None)
@@ -183,11 +184,16 @@ def run(args) -> None:
     variants = [("ours_dense", "dense", 0.0)] + [(f"ours_vsa_{s}", "vsa", s) for s in args.sparsity]
     if world == 1:
         variants.insert(1, ("ours_local", "local", 0.0))  # LocalAttention processors: no sharding machinery
+    if args.compare_rotary:  # same layers with the PyTorch rotary formula instead of the fused Triton kernel
+        variants += [(f"{name}_torch_rotary", attention, sparsity) for name, attention, sparsity in list(variants)
+                     if attention != "vsa"]
     if args.ring > 1:  # hybrid layout: dense attention is Ulysses x ring; VSA always runs pure Ulysses
         variants = [(f"ours_dense_u{world // args.ring}xr{args.ring}", "dense", 0.0)]
     for name, attention, sparsity in [v for v in variants if wanted(v[0])]:
+        rotary.FUSED_ROTARY = not name.endswith("_torch_rotary")
         with parallelize(model, attention=attention, sparsity=sparsity):
             res, out = _measure(name, model, inputs, args, device)
+        rotary.FUSED_ROTARY = True
         if attention in ("dense", "local") and stock_path.exists():
             res["max_abs_diff_vs_stock_1gpu"] = (out - torch.load(stock_path).to(device)).abs().max().item()
         results.append(res)
@@ -284,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-diffusers-cp", dest="diffusers_cp", action="store_false")
     parser.add_argument("--profile", action="store_true", help="also profile one forward per variant (kernel time "
                         "per category: attention, GEMMs, communication, copies, norms/elementwise)")
+    parser.add_argument("--compare-rotary", action="store_true",
+                        help="also run ours dense with the PyTorch rotary formula (DIFFUSERS_DIST_ATTN_ROTARY=torch)")
     parser.add_argument("--variants", nargs="*", help="only these variants (e.g. stock ours_dense ours_vsa_0.875 "
                         "diffusers_cp)")
     parser.add_argument("--out", default="benchmarks/results")

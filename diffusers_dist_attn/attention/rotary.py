@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
-__all__ = ["apply_rotary", "normalize_rotary_tables"]
+__all__ = ["ROTARY_ENV", "apply_rotary", "normalize_rotary_tables"]
+
+ROTARY_ENV = "DIFFUSERS_DIST_ATTN_ROTARY"  # "auto" (fused Triton kernel on CUDA) or "torch"
+# Read once; benchmarks flip it to compare side by side.
+FUSED_ROTARY = os.environ.get(ROTARY_ENV, "auto").strip().lower() != "torch"
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 RotaryTables = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,10 +41,23 @@ def apply_rotary(x: torch.Tensor, freqs_cis: RotaryTables) -> torch.Tensor:
     """Rotate interleaved pairs of `x [B, S, H, D]` in fp32 and cast back.
 
     `o[2i] = x[2i] cos - x[2i+1] sin`, `o[2i+1] = x[2i+1] cos + x[2i] sin`. Tables must cover exactly `S` rows.
+    CUDA tensors go through one fused Triton kernel (`rotary_triton`, same math in fp32 registers) unless env
+    `DIFFUSERS_DIST_ATTN_ROTARY=torch`; everything else runs the PyTorch formula below.
     """
     cos, sin = normalize_rotary_tables(freqs_cis, x.shape[-1])
     if cos.shape[1] != x.shape[1]:
         raise ValueError(f"rotary tables cover {cos.shape[1]} tokens but the sequence has {x.shape[1]}")
+    if cos.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"rotary tables have batch {cos.shape[0]}; x has batch {x.shape[0]} (allowed: 1 or {x.shape[0]})")
+    if FUSED_ROTARY and _HAS_TRITON and x.is_cuda and not (cos.requires_grad or sin.requires_grad):
+        from .rotary_triton import rotary_fused
+
+        return rotary_fused(x, cos, sin, 1)
+    return rotary_torch(x, cos, sin)
+
+
+def rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The PyTorch formula: `x [B, S, H, D]`, normalized tables `[1 or B, S, 1, D/2]`."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos.float(), sin.float()
     out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
