@@ -52,6 +52,8 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) ->
     sin = sin if sin.stride(-1) == 1 else sin.contiguous()
     out = torch.empty((b, s, h, d), device=x.device, dtype=x.dtype)
     rows = b * s * h
+    if rows == 0:  # e.g. a ring rank whose block holds only padding
+        return out
     block_r = 32 if d <= 128 else 16
     # a table of batch 1 serves every batch row: stride 0
     cb = cos.stride(0) if cos.shape[0] > 1 else 0
