@@ -1,6 +1,5 @@
 // Python binding of the sm_90a VSA forward (kernels/vsa_fwd_sm90.cu), built on first use by
-// diffusers_dist_attn/vsa/cuda_build.py (torch.utils.cpp_extension.load). Experimental and unvalidated: see
-// kernels/README.md.
+// diffusers_dist_attn/vsa/cuda_build.py (torch.utils.cpp_extension.load). Validated on an H100; see kernels/README.md.
 //
 // sparse_fwd(q, k, v, gate?, out_c, q2k_idx, q2k_num, block_sizes, scale, out, out_s?, lse) writes `out`, `out_s`
 // (when given) and `lse` in place; the caller allocates them (so tests can poison them first). Shapes as in
@@ -75,7 +74,7 @@ void sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "diffusers_dist_attn VSA forward for sm_90a (experimental, unvalidated)";
+  m.doc() = "diffusers_dist_attn VSA fine-stage forward for sm_90a (wgmma + TMA)";
   m.def("sparse_fwd", &sparse_fwd, "VSA fine-stage forward (sm_90a): writes out, out_s (optional) and lse",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("gate"), pybind11::arg("out_c"),
         pybind11::arg("q2k_idx"), pybind11::arg("q2k_num"), pybind11::arg("block_sizes"), pybind11::arg("scale"),

@@ -1,7 +1,8 @@
 // Video Sparse Attention, fine-stage FORWARD for Hopper (sm_90a): block-sparse flash attention over 64x64 blocks.
 //
-// STATUS: compiles (see kernels/BUILD_NOTES.md for the ptxas report and the SASS histogram); NEVER RUN. Until the
-// GPU tests in tests/gpu/test_vsa_cuda.py pass on an H100, treat every line below as unvalidated.
+// STATUS: validated on an H100 (2026-11-27): tests/gpu/test_vsa_cuda.py 48/48 against the fp32 reference and the
+// Triton fine stage, compute-sanitizer memcheck clean. Speed: within ~7% of the Triton fine stage (both are bound by
+// the L2 -> SM traffic of gathered K/V tiles); numbers in benchmarks/NOTES.md, ptxas report in kernels/BUILD_NOTES.md.
 //
 // Contract (same as `_fwd_kernel` in diffusers_dist_attn/vsa/triton_kernels.py), per (batch*head bh, query block
 // qb) with S = 64 N tokens per head:
