@@ -89,3 +89,25 @@ def test_padded_replicated_keys_get_no_weight():
     rk2[~mask], rv2[~mask] = 1e3, -1e3
     out2, rep2 = layer(q, k, v, rq, rk2, rv2, replicated_mask=mask)
     assert torch.equal(out, out2) and torch.equal(rep, rep2)
+
+
+def _saved_storage_body(rank, world):
+    """Largest storage that autograd keeps for one DistributedAttention call with RoPE (bytes), and q's size."""
+    group = get_sequence_parallel_groups().sp_group
+    (q, k, v), _, _, freqs, _, _ = _inputs()
+    shards = [shard_sequence(t.clone().requires_grad_(), group)[0] for t in (q, k, v)]
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        DistributedAttention(H, D)(*shards, original_seq_len=S, freqs_cis=freqs)
+    return max(sizes), B * S * (H // world) * D * 4
+
+
+def test_backward_does_not_keep_the_received_qkv_buffer():
+    """After RoPE replaces q and k, the saved v must not pin the whole received [q; k; v] buffer (3x v)."""
+    for largest, per_tensor in run_distributed(2, _saved_storage_body):
+        assert largest < 2 * per_tensor, (largest, per_tensor)

@@ -228,6 +228,10 @@ class DistributedAttention(_AttentionBase):
             if ring_world > 1:
                 freqs_cis = (freqs_cis[0][:, start:start + valid], freqs_cis[1][:, start:start + valid])
             q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
+            if torch.is_grad_enabled() and v.requires_grad:
+                # v is a view of the received q/k/v buffer: attention would save it for backward and keep the
+                # whole buffer (3x v) alive per layer. A copy of v lets the stale q/k rows go (training memory).
+                v = v.clone()
         heads_loc = q.shape[2]
         first = head_offset(num_heads, group_size(group), group_rank(group))
         rq, rk, rv = (t[:, :, first:first + heads_loc] if has_rep else None for t in replicated)

@@ -25,23 +25,22 @@ def _rotary_kernel(
     sxb, sxs, sxh, scb, scs, ssb, sss,
     SIGN: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    # one program: BLOCK_R rows (b, s, h) x HALF pairs; OUT is contiguous [B, S, H, 2 * HALF]
+    # one program: BLOCK_R rows (b, s, h) of D = 2 * HALF contiguous values; OUT is contiguous [B, S, H, D].
+    # Rows are read and written whole (vectorised), the pairs are split / joined in registers.
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, 2 * HALF)
     j = tl.arange(0, HALF)
-    live = r < rows
+    live = (r < rows)[:, None]
     h = r % H
     s = (r // H) % S
     b = r // (H * S)
-    x_row = (b * sxb + s * sxs + h * sxh).to(tl.int64)[:, None]
-    mask = live[:, None]
-    x1 = tl.load(X + x_row + 2 * j[None, :], mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + x_row + 2 * j[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
-    cos = tl.load(COS + (b * scb + s * scs).to(tl.int64)[:, None] + j[None, :], mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(SIN + (b * ssb + s * sss).to(tl.int64)[:, None] + j[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + (b * sxb + s * sxs + h * sxh).to(tl.int64)[:, None] + c[None, :], mask=live, other=0.0)
+    x1, x2 = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_R, HALF, 2)))
+    cos = tl.load(COS + (b * scb + s * scs).to(tl.int64)[:, None] + j[None, :], mask=live, other=0.0).to(tl.float32)
+    sin = tl.load(SIN + (b * ssb + s * sss).to(tl.int64)[:, None] + j[None, :], mask=live, other=0.0).to(tl.float32)
     sin = sin * SIGN
-    out_row = r.to(tl.int64)[:, None] * (2 * HALF)
-    tl.store(OUT + out_row + 2 * j[None, :], (x1 * cos - x2 * sin).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(OUT + out_row + 2 * j[None, :] + 1, (x2 * cos + x1 * sin).to(OUT.dtype.element_ty), mask=mask)
+    out = tl.reshape(tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin), (BLOCK_R, 2 * HALF))
+    tl.store(OUT + r.to(tl.int64)[:, None] * (2 * HALF) + c[None, :], out.to(OUT.dtype.element_ty), mask=live)
 
 
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:
