@@ -29,6 +29,8 @@ class TileLayout:
         num_blocks: `N = prod(tiles)`; the tiled length is `64 * N`.
         slot_index: long `[S]`, raster token i -> its slot in the tiled sequence.
         block_sizes: int32 `[N]`, real tokens per block (sum = S).
+        source_index: long `[64 N]`, tiled slot -> its raster token (pad slots: token 0, zeroed after).
+        pad_slots: long `[64 N - S]`, the pad slots.
     """
 
     grid: tuple[int, int, int]
@@ -36,6 +38,8 @@ class TileLayout:
     num_blocks: int
     slot_index: torch.Tensor
     block_sizes: torch.Tensor
+    source_index: torch.Tensor
+    pad_slots: torch.Tensor
 
     @property
     def seq_len(self) -> int:
@@ -64,7 +68,12 @@ def _layout_cpu(grid: tuple[int, int, int]) -> TileLayout:
     rank_in_block = torch.arange(order.numel()) - starts[sorted_blocks]
     slot_index = torch.empty_like(order)
     slot_index[order] = sorted_blocks * BLOCK + rank_in_block
-    return TileLayout(grid, tiles, num_blocks, slot_index, block_sizes.to(torch.int32))
+    source_index = torch.zeros(num_blocks * BLOCK, dtype=torch.long)
+    source_index[slot_index] = torch.arange(slot_index.numel())
+    is_pad = torch.ones(num_blocks * BLOCK, dtype=torch.bool)
+    is_pad[slot_index] = False
+    return TileLayout(grid, tiles, num_blocks, slot_index, block_sizes.to(torch.int32), source_index,
+                      is_pad.nonzero().flatten())
 
 
 _DEVICE_CACHE: dict[tuple[tuple[int, int, int], torch.device], TileLayout] = {}
@@ -80,7 +89,8 @@ def tile_layout(grid: tuple[int, int, int], device: torch.device | str = "cpu") 
     if key not in _DEVICE_CACHE:
         base = _layout_cpu(grid)
         _DEVICE_CACHE[key] = TileLayout(
-            base.grid, base.tiles, base.num_blocks, base.slot_index.to(device), base.block_sizes.to(device)
+            base.grid, base.tiles, base.num_blocks, base.slot_index.to(device), base.block_sizes.to(device),
+            base.source_index.to(device), base.pad_slots.to(device),
         )
     return _DEVICE_CACHE[key]
 
@@ -90,13 +100,14 @@ def tile(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     b, s, h, d = x.shape
     if s != layout.seq_len:
         raise ValueError(f"sequence length {s} does not match grid {layout.grid} ({layout.seq_len} tokens)")
-    buf = x.new_zeros(b, layout.tiled_len, h, d).index_copy(1, layout.slot_index, x)
-    return buf.transpose(1, 2).contiguous()
+    # one gather pass straight into the [B, H, 64N, D] layout, then zero only the pad rows
+    out = x.transpose(1, 2).index_select(2, layout.source_index)
+    return out.index_fill_(2, layout.pad_slots, 0) if layout.pad_slots.numel() else out
 
 
 def untile(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-    """`[B, H, 64*N, D]` tiled -> `[B, S, H, D]` raster order (pad slots dropped)."""
-    return x.index_select(2, layout.slot_index).transpose(1, 2)
+    """`[B, H, 64*N, D]` tiled -> `[B, S, H, D]` raster order (pad slots dropped), contiguous."""
+    return x.transpose(1, 2).index_select(1, layout.slot_index)
 
 
 def topk_for_sparsity(sparsity: float, num_blocks: int) -> int:
