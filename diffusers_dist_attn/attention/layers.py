@@ -254,7 +254,7 @@ class DistributedAttention(_AttentionBase):
         """
         if group_size(group) == 1:
             return [t[:, :seq_len] for t in tensors]
-        stacked = sequence_to_heads(torch.cat(tensors, 0), group)[:, :seq_len]
+        stacked = sequence_to_heads(tensors, group)[:, :seq_len]
         return list(stacked.chunk(len(tensors), 0))
 
     def _attend_ring(self, q, k, v, rq, rk, rv, replicated_mask, ring, block, seq_len, backend):

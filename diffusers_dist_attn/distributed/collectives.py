@@ -23,6 +23,8 @@ world does) gives the single-process gradients.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -114,24 +116,32 @@ def head_offset(num_heads: int, world: int, rank: int) -> int:
     return sum(head_split(num_heads, world)[:rank])
 
 
-def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+def sequence_to_heads(x: torch.Tensor | Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> torch.Tensor:
     """All-to-all `[B, S_loc, H, D] -> [B, P*S_loc, H_r, D]`: scatter heads, gather the sequence.
 
     Rank r receives heads `head_split(H, P)[r]` (contiguous, in global order; `H/P` when P divides H) of every
     rank's sequence shard, concatenated in rank order. Uneven head counts use split sizes (backward too).
-    Callers stack q, k, v (and the VSA gate) along the batch dim so one collective moves all of them.
+    A list of tensors (q, k, v and the VSA gate, each `[B, S_loc, H, D]`) moves in one collective: each is
+    written once, permuted, into the send buffer, and the result is their concatenation along the batch dim.
     """
     world = group_size(group)
+    tensors = [x] if isinstance(x, torch.Tensor) else list(x)
     if world == 1:
-        return x
-    b, s_loc, h, d = x.shape
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
+    b_one, s_loc, h, d = tensors[0].shape
+    b = b_one * len(tensors)
     splits = head_split(h, world)
     h_me = splits[group_rank(group)]
-    send = x.permute(2, 1, 0, 3).contiguous().flatten()  # [H, S_loc, B, D]: heads of rank j are contiguous
+    if len(tensors) == 1:
+        send = x.permute(2, 1, 0, 3).contiguous()
+    else:
+        send = tensors[0].new_empty(h, s_loc, b, d)  # [H, S_loc, n*B, D]: heads of rank j are contiguous
+        for i, t in enumerate(tensors):
+            send[:, :, i * b_one:(i + 1) * b_one] = t.permute(2, 1, 0, 3)
     unit = s_loc * b * d
     even = h % world == 0
     recv = _all_to_all(
-        send, None if even else [h_me * unit] * world, None if even else [n * unit for n in splits], group
+        send.flatten(), None if even else [h_me * unit] * world, None if even else [n * unit for n in splits], group
     )
     recv = recv.reshape(world, h_me, s_loc, b, d)  # chunk j from rank j
     return recv.permute(3, 0, 2, 1, 4).reshape(b, world * s_loc, h_me, d)
