@@ -4,7 +4,7 @@
 # Everything lands in $OUT/multi_<PHASE>.tar.gz (+ multi.log). diffusers travels as a wheel in .carry/wheels/.
 #   PHASE="a|b|gen|prof ..."|all OUT=/tmp/out bash benchmarks/run_gpu_multi.sh
 # a: Wan benchmark on 1/2/4 GPUs + generate; b: HunyuanVideo + hybrid layouts; gen: only generate on 1/2/4;
-# kern: CUDA VSA variants + rotary kernel tests; a1 / a24: phase a's benchmark on 1 / on 2 and 4 GPUs;
+# gputests: rotary + Triton VSA GPU tests; kern: CUDA VSA variants + rotary kernel tests; a1 / a24: phase a's benchmark on 1 / on 2 and 4 GPUs;
 # prof: one profiled forward per variant (kernel time per category) on 1 and 4 GPUs (issue 8's breakdown).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -33,6 +33,10 @@ if only kern; then  # one GPU: the CUDA VSA forward's compile-time variants, the
   step 300 cuda_sweep env DIFFUSERS_DIST_ATTN_VSA_CUDA=1 DIFFUSERS_DIST_ATTN_CACHE=/tmp/dda_cache \
     python3 benchmarks/sweep_cuda_fwd.py --out "$RES" --variants base stages3
   step 120 rotary_tests python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_rotary_triton.py
+fi
+if only gputests; then  # one GPU: fused rotary kernel + Triton VSA GPU tests (JUnit XML kept)
+  step 300 gpu_tests python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_rotary_triton.py \
+    tests/gpu/test_vsa_triton.py --junitxml="$RES/gpu_tests.xml"
 fi
 if only a1; then  # Wan on 1 GPU only (forward; fwd+bwd does not fit)
   step 150 wan1 $TR --nproc_per_node 1 $BP --no-backward
