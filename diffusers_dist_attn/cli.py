@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--check", action="store_true",
                      help="also run one process on rank 0 (stock diffusers processors; VSA: VSA at P=1) and report "
                           "the max abs difference of the videos")
-    kern = sub.add_parser("build-kernels", help="prebuild the experimental compiled VSA kernel (sm_90a) and print "
+    kern = sub.add_parser("build-kernels", help="prebuild the compiled VSA kernel (sm_90a, opt-in) and print "
                                                 "where it went or why it could not be built")
     kern.add_argument("--force", action="store_true", help="delete the cached build for these sources first")
     kern.add_argument("--no-gpu-check", action="store_true",
@@ -467,7 +467,7 @@ def build_kernels(args: argparse.Namespace) -> int:
     if result.module is None:
         print(f"diffusers-dist-attn build-kernels: not built: {result.reason}", file=sys.stderr, flush=True)
         return 1
-    print(f"built {result.module.__name__} (sm_90a, experimental) in {result.path}", flush=True)
+    print(f"built {result.module.__name__} (sm_90a; use it with DIFFUSERS_DIST_ATTN_VSA_CUDA=1) in {result.path}", flush=True)
     return 0
 
 

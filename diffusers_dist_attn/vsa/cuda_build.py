@@ -1,6 +1,6 @@
 """Build-on-first-use of the compiled Hopper VSA kernel (`kernels/vsa_fwd_sm90.cu` + `kernels/vsa_binding.cpp`).
 
-EXPERIMENTAL: the kernel compiles but has not been run yet (see `kernels/README.md`).
+Validated on an H100 and opt-in (see `kernels/README.md`).
 
 `build()` compiles the sources with `torch.utils.cpp_extension.load` (ninja) for sm_90a into a folder named by a
 hash of the sources, the arch, and the torch / CUDA / nvcc / Python versions, under `~/.cache/diffusers_dist_attn/`

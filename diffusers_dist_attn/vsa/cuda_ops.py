@@ -1,9 +1,9 @@
-"""Video Sparse Attention with the compiled Hopper (sm_90a) fine-stage forward. EXPERIMENTAL AND UNVALIDATED.
+"""Video Sparse Attention with the compiled Hopper (sm_90a) fine-stage forward (opt-in).
 
-The CUDA kernel (`kernels/vsa_fwd_sm90.cu`: wgmma + TMA, warp-specialised) compiles with no spills, but it has
-never run on a GPU. `is_available()` is therefore False unless env `DIFFUSERS_DIST_ATTN_VSA_CUDA=1` is set, so
-`dispatch.vsa_tiled` never picks it by itself; with the variable set it also needs an sm_90 GPU and a successful
-build (`cuda_build.load_extension`, built on first use and cached).
+The CUDA kernel (`kernels/vsa_fwd_sm90.cu`: wgmma + TMA, warp-specialised) is validated on an H100 (GPU tests,
+compute-sanitizer) and measured ~5% slower than the Triton fine stage (`kernels/README.md`), so it is opt-in:
+`is_available()` is False unless env `DIFFUSERS_DIST_ATTN_VSA_CUDA=1` is set; with it, it also needs an sm_90 GPU
+and a successful build (`cuda_build.load_extension`, built on first use and cached).
 
 Only the fine forward is new. Everything else is the Triton path of `triton_ops` / `triton_kernels`:
 - one custom op `diffusers_dist_attn::vsa_fwd_cuda` with the schema, fake kernel and autograd formula of
@@ -86,7 +86,7 @@ def vsa_tiled_cuda(
 ) -> torch.Tensor:
     """Video Sparse Attention on tiled `[B, H, 64*N, D]` tensors; the contract of `triton_ops.vsa_tiled_triton`.
 
-    bf16 inputs with head_dim 64/128 on CUDA run the experimental sm_90a forward (Triton coarse stage and
+    bf16 inputs with head_dim 64/128 on CUDA run the sm_90a forward (Triton coarse stage and
     backward); other inputs run `vsa_tiled_triton` unchanged.
     """
     if not _supported(q):
