@@ -187,13 +187,31 @@ def run(args) -> None:
     if args.compare_rotary:  # same layers with the PyTorch rotary formula instead of the fused Triton kernel
         variants += [(f"{name}_torch_rotary", attention, sparsity) for name, attention, sparsity in list(variants)
                      if attention != "vsa"]
+    if args.compile:  # regional torch.compile of the transformer blocks (fullgraph), as `generate --compile`
+        variants += [(f"{name}_compiled", attention, sparsity) for name, attention, sparsity in list(variants)
+                     if not name.endswith("_torch_rotary")]
     if args.ring > 1:  # hybrid layout: dense attention is Ulysses x ring; VSA always runs pure Ulysses
         variants = [(f"ours_dense_u{world // args.ring}xr{args.ring}", "dense", 0.0)]
     for name, attention, sparsity in [v for v in variants if wanted(v[0])]:
         rotary.FUSED_ROTARY = not name.endswith("_torch_rotary")
         with parallelize(model, attention=attention, sparsity=sparsity):
-            res, out = _measure(name, model, inputs, args, device)
+            if name.endswith("_compiled"):
+                model.compile_repeated_blocks(fullgraph=True)
+            try:
+                res, out = _measure(name, model, inputs, args, device)
+            except Exception as exc:  # noqa: BLE001 - a variant that fails to compile is reported, not fatal
+                print(f"{world} GPU {name}: FAILED {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+                res, out = {"variant": name, "fwd_ms": float("nan"), "fwd_peak_gib": float("nan"),
+                            "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}, None
+            finally:
+                if name.endswith("_compiled"):
+                    for block in model.blocks:
+                        block._compiled_call_impl = None
+                    torch._dynamo.reset()
         rotary.FUSED_ROTARY = True
+        if out is None:
+            results.append(res)
+            continue
         if attention in ("dense", "local") and stock_path.exists():
             res["max_abs_diff_vs_stock_1gpu"] = (out - torch.load(stock_path).to(device)).abs().max().item()
         results.append(res)
@@ -292,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
                         "per category: attention, GEMMs, communication, copies, norms/elementwise)")
     parser.add_argument("--compare-rotary", action="store_true",
                         help="also run ours dense with the PyTorch rotary formula (DIFFUSERS_DIST_ATTN_ROTARY=torch)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run ours with the transformer blocks torch.compile'd (fullgraph, regional)")
     parser.add_argument("--variants", nargs="*", help="only these variants (e.g. stock ours_dense ours_vsa_0.875 "
                         "diffusers_cp)")
     parser.add_argument("--out", default="benchmarks/results")

@@ -4,7 +4,7 @@
 # Everything lands in $OUT/multi_<PHASE>.tar.gz (+ multi.log). diffusers travels as a wheel in .carry/wheels/.
 #   PHASE="a|b|gen|prof ..."|all OUT=/tmp/out bash benchmarks/run_gpu_multi.sh
 # a: Wan benchmark on 1/2/4 GPUs + generate; b: HunyuanVideo + hybrid layouts; gen: only generate on 1/2/4;
-# gputests: rotary + Triton VSA GPU tests; kern: CUDA VSA variants + rotary kernel tests; a1 / a24: phase a's benchmark on 1 / on 2 and 4 GPUs;
+# compile: eager vs torch.compile'd blocks (4 then 1 GPU); gputests: rotary + Triton VSA GPU tests; kern: CUDA VSA variants + rotary kernel tests; a1 / a24: phase a's benchmark on 1 / on 2 and 4 GPUs;
 # prof: one profiled forward per variant (kernel time per category) on 1 and 4 GPUs (issue 8's breakdown).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -37,6 +37,11 @@ fi
 if only gputests; then  # one GPU: fused rotary kernel + Triton VSA GPU tests (JUnit XML kept)
   step 300 gpu_tests python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_rotary_triton.py \
     tests/gpu/test_vsa_triton.py --junitxml="$RES/gpu_tests.xml"
+fi
+if only compile; then  # regional torch.compile (fullgraph) vs eager: 4 GPUs, then 1 GPU (forward)
+  CP="benchmarks/bench_pipeline.py --out $RES/compile --work-dir /tmp/dda_work --compile --no-backward --no-diffusers-cp --sparsity 0.875 --iters 5 --warmup 2"
+  [ "$NGPU" -ge 4 ] && step 240 comp4 $TR --nproc_per_node 4 $CP --variants ours_dense ours_vsa_0.875 ours_dense_compiled ours_vsa_0.875_compiled
+  step 200 comp1 $TR --nproc_per_node 1 $CP --variants ours_dense ours_vsa_0.875 ours_dense_compiled ours_vsa_0.875_compiled
 fi
 if only a1; then  # Wan on 1 GPU only (forward; fwd+bwd does not fit)
   step 150 wan1 $TR --nproc_per_node 1 $BP --no-backward
