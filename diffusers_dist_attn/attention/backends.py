@@ -70,6 +70,8 @@ class AttentionBackendEnum(enum.Enum):
 
 
 DENSE_BACKENDS = tuple(b for b in AttentionBackendEnum if b is not AttentionBackendEnum.VIDEO_SPARSE_ATTN)
+# value -> member as a plain dict: `AttentionBackendEnum(value)` inside a torch.compile'd region fails on torch 2.11
+_BY_VALUE = {member.value: member for member in AttentionBackendEnum}
 
 _SDPA_ORDER = {
     AttentionBackendEnum.SDPA_CUDNN: [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -160,7 +162,7 @@ def resolve_backend(
     request = None if requested is None else AttentionBackendEnum.parse(requested).value
     allowed = None if supported is None else tuple(AttentionBackendEnum.parse(b).value for b in supported)
     env = os.environ.get(BACKEND_ENV, "")
-    return AttentionBackendEnum(_resolve(q.device, q.dtype, int(q.shape[-1]), request, env, has_mask, allowed))
+    return _BY_VALUE[_resolve(q.device, q.dtype, int(q.shape[-1]), request, env, has_mask, allowed)]
 
 
 @torch.compiler.assume_constant_result

@@ -23,7 +23,7 @@ from ..distributed.collectives import (
     heads_to_sequence,
     sequence_to_heads,
 )
-from ..distributed.groups import SINGLE_PROCESS, get_sequence_parallel_groups, sp_layout
+from ..distributed.groups import SINGLE_PROCESS, current_layout, sp_layout
 from ..distributed.ring import ring_attention
 from ..vsa.dispatch import IMPLEMENTATIONS, vsa_tiled
 from ..vsa.tiling import tile, tile_layout, topk_for_sparsity, untile
@@ -69,6 +69,10 @@ class _AttentionBase(nn.Module):
         default = extra_impl_args.get("default_backend")
         self.backend = None if default is None else AttentionBackendEnum.parse(default)
         self.process_group: dist.ProcessGroup | None = extra_impl_args.get("process_group")
+        # hybrid (ulysses x ring) split of an explicit group, looked up now: the lookup is keyed by id(group),
+        # which torch.compile (2.11) cannot trace inside a forward
+        explicit = self.process_group is not None and self.process_group is not SINGLE_PROCESS
+        self._explicit_hybrid = sp_layout(self.process_group) if explicit else None
 
     def _dense(self, q, k, v, key_mask=None) -> torch.Tensor:
         return dense_attention(
@@ -158,17 +162,20 @@ class DistributedAttention(_AttentionBase):
                          **extra_impl_args)
         self.prefix = prefix
 
-    def _group(self) -> dist.ProcessGroup | None:
-        """`process_group`: None = the current SP group; `SINGLE_PROCESS` = no communication."""
-        if self.process_group is SINGLE_PROCESS:
-            return None
-        return self.process_group if self.process_group is not None else get_sequence_parallel_groups().sp_group
-
     def _layout(self) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
-        """`(ulysses_group, ring_group)`: the SP group's hybrid split, or `(sp_group, None)` for pure Ulysses."""
-        group = self._group()
-        hybrid = sp_layout(group) if self._can_ring else None
-        return (group, None) if hybrid is None else (hybrid.ulysses_group, hybrid.ring_group)
+        """`(ulysses_group, ring_group)`: the SP group's hybrid split, or `(sp_group, None)` for pure Ulysses.
+
+        `process_group`: None = the current SP group (read at call time); `SINGLE_PROCESS` = no communication.
+        """
+        if self.process_group is SINGLE_PROCESS:
+            return None, None
+        if self.process_group is None:
+            group, hybrid = current_layout()
+        else:
+            group, hybrid = self.process_group, self._explicit_hybrid
+        if hybrid is None or not self._can_ring:
+            return group, None
+        return hybrid.ulysses_group, hybrid.ring_group
 
     def forward(
         self,

@@ -12,7 +12,12 @@ __all__ = ["ROTARY_ENV", "apply_rotary", "normalize_rotary_tables"]
 ROTARY_ENV = "DIFFUSERS_DIST_ATTN_ROTARY"  # "auto" (fused Triton kernel on CUDA) or "torch"
 # Read once; benchmarks flip it to compare side by side.
 FUSED_ROTARY = os.environ.get(ROTARY_ENV, "auto").strip().lower() != "torch"
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+rotary_fused = None  # the fused Triton op, imported here so that no import runs inside a torch.compile'd region
+if importlib.util.find_spec("triton") is not None:
+    try:
+        from .rotary_triton import rotary_fused
+    except Exception:  # noqa: BLE001 - a broken Triton install means "use the PyTorch formula"
+        rotary_fused = None
 
 RotaryTables = tuple[torch.Tensor, torch.Tensor]
 
@@ -49,9 +54,7 @@ def apply_rotary(x: torch.Tensor, freqs_cis: RotaryTables) -> torch.Tensor:
         raise ValueError(f"rotary tables cover {cos.shape[1]} tokens but the sequence has {x.shape[1]}")
     if cos.shape[0] not in (1, x.shape[0]):
         raise ValueError(f"rotary tables have batch {cos.shape[0]}; x has batch {x.shape[0]} (allowed: 1 or {x.shape[0]})")
-    if FUSED_ROTARY and _HAS_TRITON and x.is_cuda and not (cos.requires_grad or sin.requires_grad):
-        from .rotary_triton import rotary_fused
-
+    if FUSED_ROTARY and rotary_fused is not None and x.is_cuda and not (cos.requires_grad or sin.requires_grad):
         return rotary_fused(x, cos, sin, 1)
     return rotary_torch(x, cos, sin)
 

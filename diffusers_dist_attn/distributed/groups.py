@@ -35,6 +35,7 @@ __all__ = [
     "destroy_sequence_parallel",
     "valid_degrees",
     "sp_layout",
+    "current_layout",
 ]
 
 
@@ -228,6 +229,17 @@ def _hybrid_groups(
 def sp_layout(group: dist.ProcessGroup | None) -> SequenceParallelGroups | None:
     """The hybrid (ring > 1) groups whose SP group is `group`, or None (then `group` is pure Ulysses)."""
     return None if group is None else _HYBRID.get(id(group))
+
+
+def current_layout() -> tuple[dist.ProcessGroup | None, SequenceParallelGroups | None]:
+    """`(sp_group, hybrid groups or None)` of the current groups; `(None, None)` before `init_sequence_parallel`.
+
+    Builds nothing and keys nothing by `id()`, so layers can call it inside a torch.compile'd forward.
+    """
+    groups = _CURRENT
+    if groups is None:
+        return None, None
+    return groups.sp_group, (groups if groups.ring_size > 1 else None)
 
 
 def _default_device() -> torch.device:

@@ -28,12 +28,17 @@ _MODULES = {"cuda": "diffusers_dist_attn.vsa.cuda_ops", "triton": "diffusers_dis
 __all__ = ["VSA_IMPL_ENV", "IMPLEMENTATIONS", "available_implementations", "resolve_implementation", "vsa_tiled"]
 
 
+_LOADED: dict[str, ModuleType] = {}  # filled by `_module`; read by `vsa_tiled` (a plain dict: compile-traceable)
+
+
 @functools.cache
 def _module(name: str) -> ModuleType | None:
     try:
-        return importlib.import_module(_MODULES[name])
+        module = importlib.import_module(_MODULES[name])
     except ImportError:
         return None
+    _LOADED[name] = module
+    return module
 
 
 def _available(name: str, device: torch.device) -> bool:
@@ -102,5 +107,6 @@ def vsa_tiled(
         return vsa_tiled_reference(
             q, k, v, gate, block_sizes, topk, scale, extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask
         )
-    module = _module(name)
+    # `_resolve` (run eagerly, also under torch.compile) imported the module; no import happens in traced code
+    module = _LOADED[name]
     return getattr(module, f"vsa_tiled_{name}")(q, k, v, gate, block_sizes, topk, scale)
