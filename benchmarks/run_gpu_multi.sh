@@ -40,8 +40,8 @@ if only gputests; then  # one GPU: fused rotary kernel + Triton VSA GPU tests (J
 fi
 if only compile; then  # regional torch.compile (fullgraph) vs eager: 4 GPUs, then 1 GPU (forward)
   CP="benchmarks/bench_pipeline.py --out $RES/compile --work-dir /tmp/dda_work --compile --no-backward --no-diffusers-cp --sparsity 0.875 --iters 5 --warmup 2"
-  [ "$NGPU" -ge 4 ] && step 240 comp4 $TR --nproc_per_node 4 $CP --variants ours_dense ours_vsa_0.875 ours_dense_compiled ours_vsa_0.875_compiled
-  step 200 comp1 $TR --nproc_per_node 1 $CP --variants ours_dense ours_vsa_0.875 ours_dense_compiled ours_vsa_0.875_compiled
+  [ "$NGPU" -ge 4 ] && step 190 comp4 $TR --nproc_per_node 4 $CP --variants ours_dense ours_vsa_0.875 ours_dense_compiled ours_vsa_0.875_compiled
+  step 100 comp1 $TR --nproc_per_node 1 $CP --variants ours_dense ours_vsa_0.875 ours_dense_compiled ours_vsa_0.875_compiled
 fi
 if only a1; then  # Wan on 1 GPU only (forward; fwd+bwd does not fit)
   step 150 wan1 $TR --nproc_per_node 1 $BP --no-backward
