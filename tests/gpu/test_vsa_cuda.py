@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_vsa_triton import MAX_SELECTION_MISMATCH, TOL, _inputs, _reference, _rel
+from test_vsa_triton import TOL, _inputs, _rel, check_forward, check_gradients
 
 from diffusers_dist_attn.vsa import cuda_build, cuda_ops, dispatch, triton_ops
 from diffusers_dist_attn.vsa.tiling import topk_for_sparsity
@@ -61,15 +61,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-b{c[1]}h{c[2]}d{c[3]}")
 @pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
 def test_forward_matches_reference(ext, case, sparsity, with_gate):
-    grid, b, h, d = case
-    q, k, v, g, bs = _inputs(grid, b, h, d, torch.bfloat16, gate=with_gate, seed=hash((grid, sparsity)) % 1000)
-    topk = topk_for_sparsity(sparsity, bs.numel())
-    with torch.no_grad():
-        out = cuda_ops.vsa_tiled_cuda(q, k, v, g, bs, topk)
-        ref, mismatch = _reference(q, k, v, g, bs, topk)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert mismatch <= MAX_SELECTION_MISMATCH
-    assert _rel(out, ref) <= TOL
+    check_forward(cuda_ops.vsa_tiled_cuda, (*case, torch.bfloat16), sparsity, with_gate)
 
 
 def _random_lists(b, h, n, maxk, gen, *, ragged):
@@ -132,19 +124,7 @@ GRAD_CASES = [
 @pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
 def test_gradients_match_reference(ext, case, sparsity, with_gate):
     """CUDA forward + Triton backward (the backward reads the CUDA forward's out_s and lse)."""
-    grid, b, h, d = case
-    q, k, v, g, bs = _inputs(grid, b, h, d, torch.bfloat16, gate=with_gate, seed=7, requires_grad=True)
-    topk = topk_for_sparsity(sparsity, bs.numel())
-    inputs = [t for t in (q, k, v, g) if t is not None]
-    out = cuda_ops.vsa_tiled_cuda(q, k, v, g, bs, topk)
-    ref, mismatch = _reference(q, k, v, g, bs, topk)
-    assert mismatch <= MAX_SELECTION_MISMATCH
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, dout)
-    ref_grads = torch.autograd.grad(ref, inputs, dout)
-    assert _rel(out, ref) <= TOL
-    for name, got, want in zip("qkvg", grads, ref_grads, strict=False):
-        assert _rel(got, want) <= TOL, name
+    check_gradients(cuda_ops.vsa_tiled_cuda, (*case, torch.bfloat16), sparsity, with_gate)
 
 
 def test_dispatch_opt_in(ext, monkeypatch):

@@ -99,11 +99,16 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-b{c[1]}h{c[2]}d{c[3]}-{c[4]}")
 @pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
 def test_forward_matches_reference(case, sparsity, with_gate):
+    check_forward(triton_ops.vsa_tiled_triton, case, sparsity, with_gate)
+
+
+def check_forward(vsa, case, sparsity, with_gate):
+    """`vsa(q, k, v, gate, block_sizes, topk)` vs the fp32 reference (shared with test_vsa_cuda.py)."""
     grid, b, h, d, dtype = case
     q, k, v, g, bs = _inputs(grid, b, h, d, dtype, gate=with_gate, seed=hash((grid, sparsity)) % 1000)
     topk = topk_for_sparsity(sparsity, bs.numel())
     with torch.no_grad():
-        out = triton_ops.vsa_tiled_triton(q, k, v, g, bs, topk)
+        out = vsa(q, k, v, g, bs, topk)
         ref, mismatch = _reference(q, k, v, g, bs, topk)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert mismatch <= MAX_SELECTION_MISMATCH
@@ -128,11 +133,16 @@ GRAD_CASES = [
 )
 @pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
 def test_gradients_match_reference(case, sparsity, with_gate):
+    check_gradients(triton_ops.vsa_tiled_triton, case, sparsity, with_gate)
+
+
+def check_gradients(vsa, case, sparsity, with_gate):
+    """Output and q/k/v/gate gradients of `vsa` vs the fp32 reference (shared with test_vsa_cuda.py)."""
     grid, b, h, d, dtype = case
     q, k, v, g, bs = _inputs(grid, b, h, d, dtype, gate=with_gate, seed=7, requires_grad=True)
     topk = topk_for_sparsity(sparsity, bs.numel())
     inputs = [t for t in (q, k, v, g) if t is not None]
-    out = triton_ops.vsa_tiled_triton(q, k, v, g, bs, topk)
+    out = vsa(q, k, v, g, bs, topk)
     ref, mismatch = _reference(q, k, v, g, bs, topk)
     assert mismatch <= MAX_SELECTION_MISMATCH
     dout = torch.randn_like(out)
