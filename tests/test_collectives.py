@@ -2,6 +2,7 @@
 
 import io
 
+import pytest
 import torch
 from distributed_utils import run_distributed
 
@@ -48,7 +49,12 @@ def _collectives_body(rank, world):
     buf = io.BytesIO()
     torch.save(one, buf)
     saved = torch.load(io.BytesIO(buf.getvalue()))
+    # a list moves in one collective and equals the concatenation moved alone (also a one-element list)
+    a, b = torch.randn(2, 3, 4 * world, 3), torch.randn(2, 3, 4 * world, 3)
+    listed_err = max((sequence_to_heads([a, b], group) - sequence_to_heads(torch.cat([a, b]), group)).abs().max().item(),
+                     (sequence_to_heads([a], group) - sequence_to_heads(a, group)).abs().max().item())
     return {
+        "listed_err": listed_err,
         "batch1_saved_err": (saved - whole[:, :3 * world - 1]).abs().max().item(),
         "heads_err": (heads - expect_heads).abs().max().item(),
         "roundtrip_err": (gathered - full).abs().max().item(),
@@ -62,10 +68,18 @@ def _collectives_body(rank, world):
 def test_collectives_two_and_four_ranks():
     for world in (2, 4):
         for r in run_distributed(world, _collectives_body):
-            assert r["batch1_saved_err"] == 0
+            assert r["batch1_saved_err"] == 0 and r["listed_err"] == 0
             assert r["heads_err"] == 0 and r["roundtrip_err"] == 0 and r["rep_err"] == 0
             # gather's backward reduce-scatters (P identical grads) and shard's backward divides by P: identity.
             assert r["grad_err"] < 1e-6
             assert r["local_len"] == -(-11 // world)
             # all-gather backward = reduce-scatter SUM of the P identical upstream grads
             assert r["rep_grad_slice"] == [float(world)]
+
+
+def test_sequence_to_heads_rejects_mismatched_lists_before_communicating():
+    """Checked before any collective, so it raises on every rank alike (here without a group at all)."""
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        sequence_to_heads([torch.randn(1, 4, 2, 3), torch.randn(1, 5, 2, 3)], None)
+    with pytest.raises(ValueError, match="non-empty list"):
+        sequence_to_heads([], None)

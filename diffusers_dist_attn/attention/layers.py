@@ -120,6 +120,7 @@ class LocalAttention(_AttentionBase):
             raise ValueError(f"key_mask must be bool [batch, kv_len] = {(k.shape[0], k.shape[1])}; got "
                              f"{key_mask.dtype} {tuple(key_mask.shape)}")
         if freqs_cis is not None:
+            freqs_cis = normalize_rotary_tables(freqs_cis, q.shape[-1])  # once for q and k
             q, k = apply_rotary(q, freqs_cis), apply_rotary(k, freqs_cis)
         return self._dense(q, k, v, key_mask)
 

@@ -35,8 +35,8 @@ def normalize_rotary_tables(freqs_cis: RotaryTables, head_dim: int) -> RotaryTab
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     if cos.ndim != 4 or cos.shape[2] != 1:
         raise ValueError(f"rotary tables must be [S, D], [S, D/2] or [B, S, 1, D]; got {tuple(cos.shape)}")
-    if cos.shape[-1] == head_dim:
-        cos, sin = cos[..., 0::2], sin[..., 1::2]
+    if cos.shape[-1] == head_dim:  # made contiguous here, once, rather than per rotated tensor in the kernel
+        cos, sin = cos[..., 0::2].contiguous(), sin[..., 1::2].contiguous()
     elif cos.shape[-1] != head_dim // 2:
         raise ValueError(f"rotary tables have {cos.shape[-1]} columns; head dim {head_dim} needs {head_dim} or {head_dim // 2}")
     return cos, sin

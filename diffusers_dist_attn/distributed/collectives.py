@@ -126,6 +126,10 @@ def sequence_to_heads(x: torch.Tensor | Sequence[torch.Tensor], group: dist.Proc
     """
     world = group_size(group)
     tensors = [x] if isinstance(x, torch.Tensor) else list(x)
+    first = tensors[0] if tensors else None
+    if first is None or any(t.shape != first.shape or t.dtype != first.dtype or t.ndim != 4 for t in tensors):
+        raise ValueError("sequence_to_heads takes one [B, S_loc, H, D] tensor or a non-empty list of them with one "
+                         f"shape and dtype; got {[(tuple(t.shape), t.dtype) for t in tensors]}")
     if world == 1:
         return tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)
     b_one, s_loc, h, d = tensors[0].shape
@@ -133,7 +137,7 @@ def sequence_to_heads(x: torch.Tensor | Sequence[torch.Tensor], group: dist.Proc
     splits = head_split(h, world)
     h_me = splits[group_rank(group)]
     if len(tensors) == 1:
-        send = x.permute(2, 1, 0, 3).contiguous()
+        send = first.permute(2, 1, 0, 3).contiguous()
     else:
         send = tensors[0].new_empty(h, s_loc, b, d)  # [H, S_loc, n*B, D]: heads of rank j are contiguous
         for i, t in enumerate(tensors):
