@@ -193,7 +193,7 @@ def run(args) -> None:
     if args.ring > 1:  # hybrid layout: dense attention is Ulysses x ring; VSA always runs pure Ulysses
         variants = [(f"ours_dense_u{world // args.ring}xr{args.ring}", "dense", 0.0)]
     for name, attention, sparsity in [v for v in variants if wanted(v[0])]:
-        rotary.FUSED_ROTARY = not name.endswith("_torch_rotary")
+        os.environ[rotary.ROTARY_ENV] = "torch" if name.endswith("_torch_rotary") else "auto"
         with parallelize(model, attention=attention, sparsity=sparsity):
             if name.endswith("_compiled"):
                 model.compile_repeated_blocks(fullgraph=True)
@@ -208,7 +208,7 @@ def run(args) -> None:
                     for block in model.blocks:
                         block._compiled_call_impl = None
                     torch._dynamo.reset()
-        rotary.FUSED_ROTARY = True
+        os.environ[rotary.ROTARY_ENV] = "auto"
         if out is None:
             results.append(res)
             continue

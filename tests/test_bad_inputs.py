@@ -94,8 +94,13 @@ def test_replicated_errors():
         layer(q, k, v, rq, rq, rq, replicated_mask=torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="replicated_k"):
         layer(q, k, v, rq, torch.randn(1, 3, 1, 8), rq)
-    with pytest.raises(TypeError, match="original_seq_len is keyword-only|original_seq_len=..."):
-        layer(q, k, v, 4)  # FastVideo's later positional original_seq_len
+    # FastVideo's current models pass original_seq_len as the fourth positional argument: an int there is taken
+    # as original_seq_len (a tensor is replicated_q, as the seed API page has it); given twice is an error
+    assert torch.equal(layer(q, k, v, 4)[0], layer(q, k, v, original_seq_len=4)[0])
+    with pytest.raises(TypeError, match="original_seq_len was given twice"):
+        layer(q, k, v, 4, original_seq_len=4)
+    with pytest.raises(ValueError, match="original_seq_len must be a positive int"):
+        layer(q, k, v, original_seq_len=3.9)
     with pytest.raises(ValueError, match="without replicated"):
         layer(q, k, v, replicated_mask=torch.ones(1, 3, dtype=torch.bool))
 

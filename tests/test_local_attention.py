@@ -8,7 +8,9 @@ import torch
 
 from diffusers_dist_attn import AttentionBackendEnum, LocalAttention
 from diffusers_dist_attn.attention import apply_rotary, resolve_backend
-from diffusers_dist_attn.attention.backends import BACKEND_ENV
+from diffusers_dist_attn.envs import BACKEND
+
+BACKEND_ENV = BACKEND.name
 
 
 def naive_attention(q, k, v, scale, key_mask=None, causal=False):

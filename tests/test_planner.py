@@ -5,6 +5,7 @@ import torch
 from distributed_utils import run_distributed
 
 from diffusers_dist_attn import init_sequence_parallel
+from diffusers_dist_attn.attention.backends import lse_capable
 from diffusers_dist_attn.distributed import plan_degrees
 
 
@@ -16,7 +17,7 @@ def test_degree_errors_name_the_fix():
     with pytest.raises(ValueError, match="must multiply to the sequence-parallel degree 8"):
         plan_degrees(12, 8, ulysses=4, ring=4)
     with pytest.raises(ValueError, match="returns no log-sum-exp.*ring=1"):
-        plan_degrees(12, 8, ring=2, backend="flash_attn_3")
+        plan_degrees(12, 8, ring=2, can_ring=lse_capable("flash_attn_3"))
     with pytest.raises(ValueError, match="video sparse attention.*ring=1"):
         plan_degrees(12, 8, ring=2, full_heads=True)
     with pytest.raises(ValueError, match="must be positive degrees"):

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_utils import run_distributed
+from references import joint_attention_reference
 
 from diffusers_dist_attn import (
     DistributedAttention,
@@ -22,14 +23,13 @@ from diffusers_dist_attn import (
     get_sequence_parallel_groups,
     init_sequence_parallel,
 )
-from diffusers_dist_attn.attention import apply_rotary
 from diffusers_dist_attn.attention.backends import attention_forward_with_lse, dense_attention_with_lse
+from diffusers_dist_attn.attention.ring import ring_attention
 from diffusers_dist_attn.distributed import (
     all_gather_heads,
     gather_sequence,
     head_split,
     heads_to_sequence,
-    ring_attention,
     sequence_to_heads,
     shard_sequence,
 )
@@ -58,22 +58,10 @@ def _inputs(heads: int, seq: int = S, seed: int = 0):
 
 @functools.cache
 def _reference(heads: int, replicated: bool):
-    """Single-process joint attention (LocalAttention over [video ; text] with the text mask)."""
+    """Single-process joint attention (LocalAttention over [video ; text] with the text mask), RoPE on."""
     (q, k, v), rep, mask, freqs, w_out, w_rep, _ = _inputs(heads)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, *rep)]
-    q, k, v, rq, rk, rv = leaves
-    q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
-    layer = LocalAttention(heads, D)
-    if replicated:
-        key_mask = torch.cat([torch.ones(B, S, dtype=torch.bool), mask], 1)
-        out = layer(torch.cat([q, rq], 1), torch.cat([k, rk], 1), torch.cat([v, rv], 1), key_mask=key_mask)
-        out, rep_out = out[:, :S], out[:, S:]
-        loss = (out * w_out).sum() + (rep_out * w_rep).sum()
-    else:
-        out, rep_out = layer(q, k, v), None
-        loss = (out * w_out).sum()
-    loss.backward()
-    return out.detach(), rep_out if rep_out is None else rep_out.detach(), [t.grad for t in leaves[:3 + 3 * replicated]]
+    out, rep_out, grads = joint_attention_reference((q, k, v), rep, mask, freqs, w_out, w_rep, replicated)
+    return out, rep_out, grads[:3 + 3 * replicated]
 
 
 def _distributed(heads: int, replicated: bool):

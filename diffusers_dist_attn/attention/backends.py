@@ -1,88 +1,61 @@
-"""Dense attention backends and their automatic selection.
+"""The attention kernels this package runs, registered in the backend registry (`registry.py`).
 
-One entry point, `dense_attention(q, k, v, ...)` on `[B, S, H, D]` tensors. The backend is resolved per call
-from (explicit request > env `DIFFUSERS_DIST_ATTN_BACKEND` > automatic) and what the inputs allow:
+Dense, `[B, S, H, D]` in and out (`dense_attention`):
 
-- `FLASH_ATTN_3` / `FLASH_ATTN` (flash-attn 3 or 2) when importable, on CUDA, fp16/bf16, head dim <= 256, no mask;
-- otherwise PyTorch SDPA, preferring cuDNN on Hopper (about 1.75x SDPA's flash backend at video sizes on an
-  H100), flash elsewhere on CUDA, and the math backend on CPU; PyTorch falls through to the next allowed
-  SDPA backend when one cannot take the inputs.
+| row | runs | automatic when |
+|---|---|---|
+| `flash_attn_3` | flash-attn 3 (`flash_attn_interface`) | installed, Hopper, fp16/bf16, no mask, head dim <= 256 |
+| `flash_attn` | flash-attn 2 | installed, sm_80+, fp16/bf16, no mask, head dim <= 256 |
+| `sdpa_cudnn` | SDPA, cuDNN first | Hopper (about 1.75x SDPA's flash backend at video sizes on an H100) |
+| `sdpa_flash` | SDPA, flash first (the fused kernel on CPU) | otherwise |
+| `sdpa_efficient`, `sdpa_math` | SDPA, that backend first | only on request |
 
-A requested backend that is missing falls back with one warning; the choice and the reason are logged once.
+PyTorch falls through to the next allowed SDPA backend when one cannot take the inputs. Ring attention needs the
+log-sum-exp of every partial softmax: `sdpa_flash` and `sdpa_math` return it (`attention_forward_with_lse` /
+`attention_backward_with_lse`: PyTorch's flash kernel on CUDA for fp16/bf16 without a mask, an exact fp32 math
+path everywhere else).
 
-Ring attention needs the log-sum-exp (LSE) of every partial softmax: `dense_attention_with_lse` and its two
-halves `attention_forward_with_lse` / `attention_backward_with_lse` run PyTorch's flash kernel
-(`aten._scaled_dot_product_flash_attention[_backward]`) on CUDA for fp16/bf16 without a mask, and an exact
-fp32 math path everywhere else (CPU, masks, fp32). Every dense backend except `FLASH_ATTN_3` can serve them.
+Video Sparse Attention on tiled `[B, H, 64 N, D]` tensors (`vsa_attention_tiled`): `cuda` (the compiled sm_90a
+forward, opt-in with `DIFFUSERS_DIST_ATTN_VSA_CUDA=1`), `triton` (any CUDA GPU, fp16/bf16), `torch` (the
+reference; everywhere, and the only one that takes replicated text keys).
 """
 
 from __future__ import annotations
 
-import enum
 import functools
+import importlib
 import importlib.util
-import logging
-import os
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-logger = logging.getLogger(__name__)
-
-BACKEND_ENV = "DIFFUSERS_DIST_ATTN_BACKEND"
+from ..numerics import acc as _acc
+from ..vsa.reference import vsa_tiled_reference
+from .registry import AttentionBackendEnum, Backend, get_backend, register_backend, select_backend
 
 __all__ = [
     "AttentionBackendEnum",
-    "BACKEND_ENV",
-    "LSE_BACKENDS",
     "resolve_backend",
-    "resolve_lse_backend",
     "dense_attention",
     "dense_attention_with_lse",
     "attention_forward_with_lse",
     "attention_backward_with_lse",
+    "lse_backend",
+    "lse_capable",
+    "vsa_attention_tiled",
+    "available_implementations",
+    "VSA_IMPLEMENTATIONS",
 ]
 
-
-class AttentionBackendEnum(enum.Enum):
-    """Attention backends. `supported_attention_backends` of the layers takes members of this enum."""
-
-    FLASH_ATTN_3 = "flash_attn_3"
-    FLASH_ATTN = "flash_attn"
-    TORCH_SDPA = "torch_sdpa"  # SDPA with the automatic per-device preference below
-    SDPA_CUDNN = "sdpa_cudnn"
-    SDPA_FLASH = "sdpa_flash"
-    SDPA_EFFICIENT = "sdpa_efficient"
-    SDPA_MATH = "sdpa_math"
-    VIDEO_SPARSE_ATTN = "video_sparse_attn"
-
-    @classmethod
-    def parse(cls, value: AttentionBackendEnum | str) -> AttentionBackendEnum:
-        if isinstance(value, cls):
-            return value
-        key = str(value).strip()
-        for member in cls:
-            if key.upper() == member.name or key.lower() == member.value:
-                return member
-        raise ValueError(f"unknown attention backend {value!r}; allowed: {[m.value for m in cls]}")
+_HALF = (torch.float16, torch.bfloat16)
 
 
-DENSE_BACKENDS = tuple(b for b in AttentionBackendEnum if b is not AttentionBackendEnum.VIDEO_SPARSE_ATTN)
-# value -> member as a plain dict: `AttentionBackendEnum(value)` inside a torch.compile'd region fails on torch 2.11
-_BY_VALUE = {member.value: member for member in AttentionBackendEnum}
-
-_SDPA_ORDER = {
-    AttentionBackendEnum.SDPA_CUDNN: [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                      SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-    AttentionBackendEnum.SDPA_FLASH: [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                                      SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-    AttentionBackendEnum.SDPA_EFFICIENT: [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-    AttentionBackendEnum.SDPA_MATH: [SDPBackend.MATH],
-}
-
-
+# ---------------------------------------------------------------------------------------------------------------
+# Dense rows
+# ---------------------------------------------------------------------------------------------------------------
 @functools.cache
 def _flash_attn_module(version: int):
     """The flash-attn function module for version 3 or 2, or None when not importable."""
@@ -91,60 +64,53 @@ def _flash_attn_module(version: int):
         return None
     try:
         return importlib.import_module(name)
-    except Exception as exc:  # broken ABI etc.: fall back, never fail
+    except Exception as exc:  # noqa: BLE001 - a broken ABI means "not installed", never a failure
         warnings.warn(f"{name} is installed but failed to import ({exc}); using PyTorch SDPA", stacklevel=2)
         return None
 
 
-def _flash_fits(device: torch.device, dtype: torch.dtype, head_dim: int, has_mask: bool, version: int) -> str | None:
-    """None when flash-attn `version` can run these inputs, else the reason it cannot."""
-    if _flash_attn_module(version) is None:
-        return f"flash-attn {version} is not installed"
-    if device.type != "cuda":
-        return "inputs are not on CUDA"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {dtype} (flash-attn needs fp16/bf16)"
-    if has_mask:
-        return "a key mask is given (flash-attn takes none)"
-    if head_dim > 256 or head_dim % 8:
-        return f"head dim {head_dim}"
-    major, _ = torch.cuda.get_device_capability(device)
-    if version == 3 and major != 9:
-        return "flash-attn 3 needs Hopper (sm_90)"
-    if version == 2 and major < 8:
-        return "flash-attn 2 needs sm_80+"
-    return None
+def _flash_attn(version: int) -> Callable:
+    def run(q, k, v, *, scale=None, causal=False, key_mask=None):
+        out = _flash_attn_module(version).flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
 
 
-def _auto_sdpa(device: torch.device) -> tuple[AttentionBackendEnum, str]:
-    if device.type != "cuda":
-        # Measured on the 2-core CPU host (Wan tiny, 2,560 tokens): SDPA's fused CPU kernel took 43-300 ms and
-        # ~6 MiB where the math backend took 500-800 ms and ~230 MiB (it materialises S x S); both are exact in fp32.
-        return AttentionBackendEnum.SDPA_FLASH, f"{device.type} tensors: SDPA fused CPU kernel (math as fallback)"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major == 9:
-        return AttentionBackendEnum.SDPA_CUDNN, "Hopper GPU: SDPA cuDNN backend (faster than SDPA flash there)"
-    return AttentionBackendEnum.SDPA_FLASH, f"sm_{major}x GPU: SDPA flash backend"
+def _sdpa(order: tuple[SDPBackend, ...]) -> Callable:
+    def run(q, k, v, *, scale=None, causal=False, key_mask=None):
+        mask = key_mask[:, None, None, :] if key_mask is not None else None  # [B, 1, 1, S_k], True = attend
+        if causal and mask is not None:  # SDPA takes either a mask or is_causal: fold the (top-left) causal part in
+            mask = mask & torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
+        allowed = order if q.is_cuda else [b for b in order if b in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)]
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        with sdpa_kernel(list(allowed), set_priority=True):
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal and mask is None,
+                                                 scale=scale, enable_gqa=k.shape[2] != q.shape[2])
+        return out.transpose(1, 2)
+
+    return run
 
 
-def _parse_env(value: str) -> AttentionBackendEnum | None:
-    value = value.strip()
-    if not value or value.lower() == "auto":
-        return None
-    try:
-        return AttentionBackendEnum.parse(value)
-    except ValueError:
-        _note(f"{BACKEND_ENV}={value!r} is not a backend; choosing automatically", True)
-        return None
+def _installed(version: int) -> Callable[[], str | None]:
+    return lambda: None if _flash_attn_module(version) is not None else f"flash-attn {version} is not installed"
 
 
-@functools.cache
-def _note(message: str, warn: bool) -> None:
-    """Warn or log a message once per process."""
-    if warn:
-        warnings.warn(message, stacklevel=4)
-    else:
-        logger.info(message)
+_CUDNN, _FLASH, _EFFICIENT, _MATH = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                     SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+for _row in (
+    Backend("flash_attn_3", "dense", _flash_attn(3), priority=0, devices=("cuda",), dtypes=_HALF, max_head_dim=256,
+            takes_mask=False, min_capability=(9, 0), max_capability=(9, 9), available=_installed(3)),
+    Backend("flash_attn", "dense", _flash_attn(2), priority=1, devices=("cuda",), dtypes=_HALF, max_head_dim=256,
+            takes_mask=False, min_capability=(8, 0), available=_installed(2)),
+    Backend("sdpa_cudnn", "dense", _sdpa((_CUDNN, _FLASH, _EFFICIENT, _MATH)), family="sdpa", priority=2,
+            auto_capability=(9,)),
+    Backend("sdpa_flash", "dense", _sdpa((_FLASH, _CUDNN, _EFFICIENT, _MATH)), family="sdpa", priority=3,
+            returns_lse=True),
+    Backend("sdpa_efficient", "dense", _sdpa((_EFFICIENT, _MATH)), family="sdpa", priority=4, auto_capability=()),
+    Backend("sdpa_math", "dense", _sdpa((_MATH,)), family="sdpa", priority=5, auto_capability=(), returns_lse=True),
+):
+    register_backend(_row)
 
 
 def resolve_backend(
@@ -154,59 +120,9 @@ def resolve_backend(
     has_mask: bool = False,
     supported: tuple[AttentionBackendEnum, ...] | None = None,
 ) -> AttentionBackendEnum:
-    """The dense backend for `q`'s device/dtype/head dim: explicit request > env > automatic.
-
-    Never raises for a missing optional backend (falls back with one warning). Pure Python on static
-    properties; under `torch.compile` it is evaluated once at trace time, so it causes no graph break.
-    """
-    request = None if requested is None else AttentionBackendEnum.parse(requested).value
-    allowed = None if supported is None else tuple(AttentionBackendEnum.parse(b).value for b in supported)
-    env = os.environ.get(BACKEND_ENV, "")
-    return _BY_VALUE[_resolve(q.device, q.dtype, int(q.shape[-1]), request, env, has_mask, allowed)]
-
-
-@torch.compiler.assume_constant_result
-def _resolve(
-    device: torch.device, dtype: torch.dtype, head_dim: int, requested: str | None, env: str, has_mask: bool,
-    supported: tuple[str, ...] | None,
-) -> str:
-    request = AttentionBackendEnum(requested) if requested is not None else _parse_env(env)
-    allowed = None if supported is None else tuple(AttentionBackendEnum(s) for s in supported)
-    if request is AttentionBackendEnum.VIDEO_SPARSE_ATTN:
-        request = None  # sparse layers call dense attention only for their dense parts
-    if request is not None and allowed is not None and request not in allowed:
-        _note(f"attention backend {request.value} is not supported here ({[s.value for s in allowed]}); "
-              "choosing automatically", True)
-        request = None
-    if request is None:
-        for version, member in ((3, AttentionBackendEnum.FLASH_ATTN_3), (2, AttentionBackendEnum.FLASH_ATTN)):
-            if (allowed is None or member in allowed) and _flash_fits(device, dtype, head_dim, has_mask, version) is None:
-                _note(f"attention backend {member.value}: flash-attn {version} importable and inputs fit", False)
-                return member.value
-        backend, reason = _auto_sdpa(device)
-        sdpa_allowed = [b for b in allowed or () if b.name.startswith("SDPA_")]
-        if allowed is not None and backend not in allowed and AttentionBackendEnum.TORCH_SDPA not in allowed \
-                and sdpa_allowed:
-            backend, reason = sdpa_allowed[0], f"automatic choice {backend.value} is not in the supported set"
-    elif request in (AttentionBackendEnum.FLASH_ATTN_3, AttentionBackendEnum.FLASH_ATTN):
-        version = 3 if request is AttentionBackendEnum.FLASH_ATTN_3 else 2
-        why_not = _flash_fits(device, dtype, head_dim, has_mask, version)
-        if why_not is None:
-            backend, reason = request, "requested"
-        else:
-            backend, _ = _auto_sdpa(device)
-            _note(f"attention backend {request.value} requested but {why_not}; using {backend.value}", True)
-            return backend.value
-    elif request is AttentionBackendEnum.TORCH_SDPA:
-        backend, reason = _auto_sdpa(device)
-    else:
-        backend, reason = request, "requested"
-    _note(f"attention backend {backend.value}: {reason}", False)
-    return backend.value
-
-
-def _key_mask_to_sdpa(key_mask: torch.Tensor) -> torch.Tensor:
-    return key_mask[:, None, None, :]  # [B, 1, 1, S_k], True = attend
+    """The dense backend `dense_attention` runs for `q` (explicit request > env > automatic), as an enum member."""
+    row = select_backend("dense", q, requested=requested, supported=supported, has_mask=has_mask)
+    return AttentionBackendEnum.parse(row.name)
 
 
 def dense_attention(
@@ -229,85 +145,32 @@ def dense_attention(
     Returns:
         `[B, S_q, H, D]` in q's dtype.
     """
-    chosen = resolve_backend(q, requested=backend, has_mask=key_mask is not None, supported=supported)
-    if chosen in (AttentionBackendEnum.FLASH_ATTN_3, AttentionBackendEnum.FLASH_ATTN):
-        module = _flash_attn_module(3 if chosen is AttentionBackendEnum.FLASH_ATTN_3 else 2)
-        out = module.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
-        return out[0] if isinstance(out, tuple) else out
-    gqa = k.shape[2] != q.shape[2]
-    mask = _key_mask_to_sdpa(key_mask) if key_mask is not None else None
-    if causal and mask is not None:  # SDPA takes either a mask or is_causal: fold the (top-left) causal part in
-        mask = mask & torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    order = _SDPA_ORDER.get(chosen, _SDPA_ORDER[AttentionBackendEnum.SDPA_MATH])
-    if not q.is_cuda:  # CPU has the fused (flash) kernel and math
-        order = [b for b in order if b in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)]
-    with sdpa_kernel(order, set_priority=True):
-        out = F.scaled_dot_product_attention(
-            qt, kt, vt, attn_mask=mask, is_causal=causal and mask is None, scale=scale, enable_gqa=gqa
-        )
-    return out.transpose(1, 2)
+    row = select_backend("dense", q, requested=backend, supported=supported, has_mask=key_mask is not None)
+    return row.implementation()(q, k, v, scale=scale, causal=causal, key_mask=key_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Attention that returns the log-sum-exp (for ring attention)
+# Attention that returns the log-sum-exp (ring attention, the joint sparse + text softmax)
 # ---------------------------------------------------------------------------------------------------------------
-LSE_BACKENDS = tuple(b for b in DENSE_BACKENDS if b is not AttentionBackendEnum.FLASH_ATTN_3)
-"""Backends that ring attention can use (FLASH_ATTN and the SDPA family run PyTorch's flash kernel on CUDA)."""
+def lse_backend(q: torch.Tensor, requested: AttentionBackendEnum | str | None = None,
+                supported: tuple[AttentionBackendEnum, ...] | None = None) -> str:
+    """The row name for attention that must return its LSE; `ValueError` naming the fix when an explicit
+    request cannot (an env preference without an LSE falls back with one warning)."""
+    try:
+        return select_backend("dense", q, requested=requested, supported=supported, needs_lse=True, strict=True).name
+    except ValueError as exc:
+        raise ValueError(f"{exc}; ring attention needs the log-sum-exp: use sdpa_flash or sdpa_math, or ring=1 "
+                         "(pure Ulysses; plan_degrees(...) picks a valid split)") from None
 
 
-def resolve_lse_backend(
-    q: torch.Tensor,
-    *,
-    requested: AttentionBackendEnum | str | None = None,
-    supported: tuple[AttentionBackendEnum, ...] | None = None,
-) -> AttentionBackendEnum:
-    """The backend for attention that must return the LSE; `ValueError` naming the fix when none can.
-
-    Explicit request > env `DIFFUSERS_DIST_ATTN_BACKEND` > `TORCH_SDPA` (flash kernel on CUDA, math on CPU).
-    An explicit request without an LSE raises; such an env value (a process-wide preference) warns once and is
-    ignored here.
-    """
-    request = None if requested is None else AttentionBackendEnum.parse(requested)
-    if request is None:
-        request = _parse_env(os.environ.get(BACKEND_ENV, ""))
-        if request is AttentionBackendEnum.VIDEO_SPARSE_ATTN:
-            request = None  # dense parts of sparse setups: automatic
-        elif request is not None and request not in LSE_BACKENDS:
-            _note(f"{BACKEND_ENV}={request.value} returns no log-sum-exp; ring attention uses torch_sdpa", True)
-            request = None
-    fix = ("use one of " + ", ".join(b.value for b in LSE_BACKENDS) +
-           ", or ring=1 (pure Ulysses; plan_degrees(...) picks a valid split)")
-    if request is AttentionBackendEnum.VIDEO_SPARSE_ATTN:
-        raise ValueError("video sparse attention returns no log-sum-exp and cannot run over a ring; "
-                         "use ring=1 with an uneven Ulysses head split (plan_degrees(..., full_heads=True))")
-    if request is not None and request not in LSE_BACKENDS:
-        raise ValueError(f"attention backend {request.value} returns no log-sum-exp, which ring attention needs; {fix}")
-    allowed = None if supported is None else tuple(AttentionBackendEnum.parse(b) for b in supported)
-    if allowed is not None:
-        usable = [b for b in allowed if b in LSE_BACKENDS]
-        if not usable:
-            raise ValueError(f"none of the supported backends {[b.value for b in allowed]} returns a log-sum-exp, "
-                             f"which ring attention needs; {fix}")
-        if request is None or request not in usable:
-            request = usable[0]
-    return request or AttentionBackendEnum.TORCH_SDPA
-
-
-def _flash_lse_fits(q: torch.Tensor, key_mask: torch.Tensor | None, backend: AttentionBackendEnum | None) -> bool:
-    return (q.is_cuda and key_mask is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-            and q.shape[-1] % 8 == 0 and backend is not AttentionBackendEnum.SDPA_MATH
-            and torch.cuda.get_device_capability(q.device)[0] >= 8)
+def _flash_lse_fits(q: torch.Tensor, key_mask: torch.Tensor | None, backend: str | None) -> bool:
+    return (q.is_cuda and key_mask is None and q.dtype in _HALF and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+            and backend != "sdpa_math" and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
     """LSE with -inf (rows without any key) replaced by 0, so `exp(s - lse)` is 0 there, not NaN."""
     return lse.masked_fill(torch.isinf(lse), 0.0)
-
-
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    """`t` in the accumulation dtype: fp32, or fp64 for fp64 inputs."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _math_scores(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -317,7 +180,7 @@ def _math_scores(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: torch
 
 def attention_forward_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
-    backend: AttentionBackendEnum | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """No-autograd softmax attention that also returns the LSE.
 
@@ -338,7 +201,7 @@ def attention_forward_with_lse(
 
 def attention_backward_with_lse(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    scale: float, key_mask: torch.Tensor | None = None, backend: AttentionBackendEnum | None = None,
+    scale: float, key_mask: torch.Tensor | None = None, backend: str | None = None,
     aux: tuple | None = None, dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one key block given the *final* `out [B, S_q, H, D]` and `lse [B, H, S_q]` of the rows.
@@ -383,6 +246,12 @@ class _AttentionWithLse(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
+def lse_capable(backend: AttentionBackendEnum | str) -> bool:
+    """Whether the dense `backend` returns its log-sum-exp, i.e. can run ring attention (planner's `can_ring`)."""
+    name = AttentionBackendEnum.parse(backend).value
+    return name in ("torch_sdpa", "auto") or get_backend("dense", name).returns_lse
+
+
 def dense_attention_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -397,6 +266,90 @@ def dense_attention_with_lse(
     q `[B, S_q, H, D]`, k, v `[B, S_k, H, D]` (equal head counts), key_mask bool `[B, S_k]` (True = attend).
     Differentiable in q, k, v (through `out` and `lse`). Raises `ValueError` for a backend without an LSE.
     """
-    chosen = resolve_lse_backend(q, requested=backend)
+    chosen = lse_backend(q, backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _AttentionWithLse.apply(q, k, v, scale, key_mask, chosen)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Video Sparse Attention rows
+# ---------------------------------------------------------------------------------------------------------------
+VSA_IMPLEMENTATIONS = ("cuda", "triton", "torch")
+
+
+def _vsa_module(name: str):
+    return importlib.import_module(f"diffusers_dist_attn.vsa.{name}_ops")
+
+
+def _vsa_available(name: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        try:
+            ok = bool(_vsa_module(name).is_available())
+        except ImportError as exc:
+            return f"VSA {name} implementation cannot be imported ({exc})"
+        if ok:
+            return None
+        if name == "cuda":
+            return ("the compiled sm_90a VSA forward is off (DIFFUSERS_DIST_ATTN_VSA_CUDA=1 enables it; it also needs "
+                    "an sm_90 GPU, Triton and a successful build)")
+        return "Triton or a CUDA device is missing"
+
+    return check
+
+
+def _tiled_kernel(name: str) -> Callable[[], Callable]:
+    def load() -> Callable:
+        kernel = getattr(_vsa_module(name), f"vsa_tiled_{name}")
+
+        def run(q, k, v, gate, block_sizes, topk, scale, *, extra_k=None, extra_v=None, extra_mask=None):
+            return kernel(q, k, v, gate, block_sizes, topk, scale)
+
+        return run
+
+    return load
+
+
+for _row in (
+    Backend("cuda", "vsa", load=_tiled_kernel("cuda"), priority=0, devices=("cuda",), dtypes=(torch.bfloat16,),
+            head_dims=(64, 128), min_capability=(9, 0), max_capability=(9, 0), available=_vsa_available("cuda")),
+    Backend("triton", "vsa", load=_tiled_kernel("triton"), priority=1, devices=("cuda",), dtypes=_HALF,
+            available=_vsa_available("triton")),
+    Backend("torch", "vsa", vsa_tiled_reference, priority=2, extra_keys=True),
+):
+    register_backend(_row)
+
+
+def available_implementations(device: torch.device | str = "cuda") -> list[str]:
+    """VSA implementations installed and usable on `device` (for bf16, head dim 128), fastest first."""
+    device = torch.device(device)
+    names = []
+    for name in VSA_IMPLEMENTATIONS:
+        row = get_backend("vsa", name)
+        if device.type in row.devices and row.available() is None:
+            names.append(name)
+    return names
+
+
+def vsa_attention_tiled(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    block_sizes: torch.Tensor,
+    topk: int,
+    scale: float | None = None,
+    *,
+    implementation: str | None = None,
+    extra_k: torch.Tensor | None = None,
+    extra_v: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Video Sparse Attention on tiled `[B, H, 64 N, D]` tensors (see `vsa.reference.vsa_tiled_reference`).
+
+    `implementation`: `cuda`, `triton`, `torch` or None/`auto`; an explicit one that cannot run raises. The
+    extra (text) keys `[B, H, L, D]` with `extra_mask [B, L]` join every video query's softmax.
+    """
+    explicit = implementation is not None and str(implementation).strip().lower() != "auto"
+    row = select_backend("vsa", q, requested=implementation, extra_keys=extra_k is not None, strict=explicit)
+    return row.implementation()(q, k, v, gate, block_sizes, topk, scale, extra_k=extra_k, extra_v=extra_v,
+                                extra_mask=extra_mask)

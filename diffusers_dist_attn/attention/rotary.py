@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
+from .. import envs
+
 __all__ = ["ROTARY_ENV", "apply_rotary", "normalize_rotary_tables"]
 
-ROTARY_ENV = "DIFFUSERS_DIST_ATTN_ROTARY"  # "auto" (fused Triton kernel on CUDA) or "torch"
-# Read once; benchmarks flip it to compare side by side.
-FUSED_ROTARY = os.environ.get(ROTARY_ENV, "auto").strip().lower() != "torch"
+ROTARY_ENV = envs.ROTARY.name  # "auto" (fused Triton kernel on CUDA) or "torch"
 rotary_fused = None  # the fused Triton op, imported here so that no import runs inside a torch.compile'd region
 if importlib.util.find_spec("triton") is not None:
     try:
@@ -26,12 +25,16 @@ def normalize_rotary_tables(freqs_cis: RotaryTables, head_dim: int) -> RotaryTab
     """Bring `(cos, sin)` to `[1 or B, S, 1, D/2]` (one angle per pair).
 
     Accepts `[S, D]` or `[S, D/2]` (FastVideo / HunyuanVideo) and `[1 or B, S, 1, D]` (diffusers' Wan).
-    With `D` columns each pair's angle is repeated: cos is read at even and sin at odd columns.
+    With `D` columns each pair's angle is repeated (`repeat_interleave(2)`): cos is read at even and sin at odd
+    columns. Full-width `[S, D]` tables in the rotate-half layout (angles concatenated, `[θ, θ]`) pair other
+    channels and are refused (checked eagerly; under torch.compile the layout is trusted).
     """
     cos, sin = freqs_cis
     if cos.shape != sin.shape:
         raise ValueError(f"rotary cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
     if cos.ndim == 2:
+        if cos.shape[-1] == head_dim and not torch.compiler.is_compiling():
+            _check_interleaved(cos)
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     if cos.ndim != 4 or cos.shape[2] != 1:
         raise ValueError(f"rotary tables must be [S, D], [S, D/2] or [B, S, 1, D]; got {tuple(cos.shape)}")
@@ -40,6 +43,17 @@ def normalize_rotary_tables(freqs_cis: RotaryTables, head_dim: int) -> RotaryTab
     elif cos.shape[-1] != head_dim // 2:
         raise ValueError(f"rotary tables have {cos.shape[-1]} columns; head dim {head_dim} needs {head_dim} or {head_dim // 2}")
     return cos, sin
+
+
+def _check_interleaved(cos: torch.Tensor) -> None:
+    """Full-width `[S, D]` tables must repeat each pair's angle in adjacent columns (interleaved pairs)."""
+    if torch.equal(cos[:, 0::2], cos[:, 1::2]):
+        return
+    half = cos.shape[-1] // 2
+    layout = "rotate-half ([θ, θ] concatenated)" if torch.equal(cos[:, :half], cos[:, half:]) else "unknown"
+    raise ValueError(f"full-width rotary tables [S, D] = {tuple(cos.shape)} are not interleaved (layout: {layout}); "
+                     "this package rotates interleaved pairs (x[2i], x[2i+1]) as Wan, HunyuanVideo and FastVideo do: "
+                     "pass [S, D/2] tables (one angle per pair) or tables with each angle repeated twice in place")
 
 
 def apply_rotary(x: torch.Tensor, freqs_cis: RotaryTables) -> torch.Tensor:
@@ -54,7 +68,8 @@ def apply_rotary(x: torch.Tensor, freqs_cis: RotaryTables) -> torch.Tensor:
         raise ValueError(f"rotary tables cover {cos.shape[1]} tokens but the sequence has {x.shape[1]}")
     if cos.shape[0] not in (1, x.shape[0]):
         raise ValueError(f"rotary tables have batch {cos.shape[0]}; x has batch {x.shape[0]} (allowed: 1 or {x.shape[0]})")
-    if FUSED_ROTARY and rotary_fused is not None and x.is_cuda and not (cos.requires_grad or sin.requires_grad):
+    fused = envs.get(envs.ROTARY).lower() != "torch"
+    if fused and rotary_fused is not None and x.is_cuda and not (cos.requires_grad or sin.requires_grad):
         return rotary_fused(x, cos, sin, 1)
     return rotary_torch(x, cos, sin)
 

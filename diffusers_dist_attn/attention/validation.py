@@ -3,11 +3,14 @@ raises a clear `ValueError` everywhere instead of hanging one rank in an all-to-
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..distributed.groups import get_sequence_parallel_groups, valid_degrees
 
-__all__ = ["check_qkv", "check_head_split", "check_replicated", "check_sparsity", "check_grid"]
+__all__ = ["check_qkv", "check_head_dim", "check_head_split", "check_replicated", "check_seq_len", "check_sparsity",
+           "check_grid"]
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -111,7 +114,37 @@ def check_replicated(
     return True
 
 
+def check_head_dim(q: torch.Tensor, head_size: int, softmax_scale: float) -> None:
+    """q's head dim must be the constructor's `head_size`: the softmax scale was derived from it."""
+    if q.shape[-1] != head_size:
+        raise ValueError(f"q has head_dim {q.shape[-1]} but the layer was built with head_size={head_size} (softmax "
+                         f"scale {softmax_scale:.4g}); build the layer with head_size={q.shape[-1]}, or pass "
+                         "softmax_scale= explicitly and a matching head_size")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral | torch.SymInt) and not isinstance(value, bool)
+
+
+def check_seq_len(original_seq_len: int | None, local_len: int, world: int) -> int:
+    """The unpadded sequence length: `original_seq_len` (a positive int) or, when None, all `local_len * world`
+    rows; it must leave fewer than `world` pad rows."""
+    padded_len = local_len * world
+    if original_seq_len is None:
+        return padded_len
+    if not _is_int(original_seq_len) or original_seq_len < 1:
+        raise ValueError(f"original_seq_len must be a positive int (the unpadded token count) or None; got "
+                         f"{type(original_seq_len).__name__} {original_seq_len!r}")
+    if not padded_len - world < original_seq_len <= padded_len:
+        raise ValueError(f"original_seq_len={original_seq_len} is inconsistent with {world} shards of "
+                         f"{local_len} tokens (allowed: {max(padded_len - world + 1, 1)}..{padded_len})")
+    return int(original_seq_len)
+
+
 def check_sparsity(sparsity: float) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) and not (
+            isinstance(sparsity, torch.Tensor) and sparsity.numel() == 1 and sparsity.is_floating_point()):
+        raise ValueError(f"sparsity must be a real number in [0, 1); got {type(sparsity).__name__} {sparsity!r}")
     sparsity = float(sparsity)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1) (fraction of key blocks skipped); got {sparsity}")
@@ -121,9 +154,9 @@ def check_sparsity(sparsity: float) -> float:
 def check_grid(grid_size: tuple[int, int, int] | None, seq_len: int) -> tuple[int, int, int]:
     if grid_size is None:
         raise ValueError("grid_size=(T, H, W) of the post-patch video grid is required for video sparse attention")
-    grid = tuple(int(g) for g in grid_size)
-    if len(grid) != 3 or min(grid) < 1:
+    if len(grid_size) != 3 or not all(_is_int(g) and g >= 1 for g in grid_size):
         raise ValueError(f"grid_size must be three positive ints (T, H, W); got {grid_size}")
+    grid = tuple(int(g) for g in grid_size)
     if grid[0] * grid[1] * grid[2] != seq_len:
         raise ValueError(
             f"grid_size {grid} has {grid[0] * grid[1] * grid[2]} tokens but the (unpadded) sequence has {seq_len}"

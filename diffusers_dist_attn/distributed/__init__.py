@@ -1,5 +1,9 @@
-"""Communication: process groups and collectives with autograd."""
+"""Communication: process groups, collectives with autograd, cross-rank agreement and the degree planner.
 
+Nothing here imports the attention package: attention algorithms (ring attention included) live in `attention/`.
+"""
+
+from .agreement import PeerFailureError, agree, peer_failures
 from .collectives import (
     all_gather_heads,
     gather_sequence,
@@ -19,11 +23,9 @@ from .groups import (
     get_sequence_parallel_groups,
     init_sequence_parallel,
     set_sequence_parallel_groups,
-    sp_layout,
     valid_degrees,
 )
 from .planner import DegreePlan, plan_degrees
-from .ring import ring_attention
 
 __all__ = [
     "SINGLE_PROCESS",
@@ -33,10 +35,11 @@ __all__ = [
     "set_sequence_parallel_groups",
     "destroy_sequence_parallel",
     "valid_degrees",
-    "sp_layout",
     "head_split",
     "head_offset",
-    "ring_attention",
+    "agree",
+    "peer_failures",
+    "PeerFailureError",
     "plan_degrees",
     "DegreePlan",
     "group_size",

@@ -19,10 +19,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .. import envs
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +37,8 @@ __all__ = [
     "set_sequence_parallel_groups",
     "destroy_sequence_parallel",
     "valid_degrees",
-    "sp_layout",
-    "current_layout",
+    "current_groups",
+    "DEFAULT_TIMEOUT_S",
 ]
 
 
@@ -96,14 +99,22 @@ class SequenceParallelGroups:
 
 
 _CURRENT: SequenceParallelGroups | None = None
-_HYBRID: dict[int, SequenceParallelGroups] = {}  # id(sp_group) -> groups with ring_size > 1 (kept alive here)
+DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for a stalled peer (gloo and NCCL default to 30 min)
 
 
 def _launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _ensure_process_group(cpu: bool | None) -> None:
+def _timeout(seconds: float | None) -> timedelta:
+    """The collective timeout: the argument, else env `DIFFUSERS_DIST_ATTN_TIMEOUT`, else 600 s."""
+    value = envs.get_float(envs.TIMEOUT) if seconds is None else float(seconds)
+    if not value > 0:
+        raise ValueError(f"timeout must be a positive number of seconds; got {value}")
+    return timedelta(seconds=value)
+
+
+def _ensure_process_group(cpu: bool | None, timeout: timedelta) -> None:
     """Initialise the default process group through accelerate when a launcher started us."""
     if dist.is_available() and dist.is_initialized():
         return
@@ -113,9 +124,19 @@ def _ensure_process_group(cpu: bool | None) -> None:
 
     use_cpu = (not torch.cuda.is_available()) if cpu is None else cpu
     # `cpu=True` makes accelerate pick gloo; on GPUs it picks NCCL and sets the local device.
-    PartialState(cpu=use_cpu)
+    PartialState(cpu=use_cpu, timeout=timeout)
     if not dist.is_initialized():  # pragma: no cover - depends on accelerate internals
-        dist.init_process_group(backend="gloo" if use_cpu else "nccl")
+        dist.init_process_group(backend="gloo" if use_cpu else "nccl", timeout=timeout)
+
+
+def _mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...], timeout: timedelta) -> DeviceMesh:
+    """A device mesh whose sub-groups carry `timeout` (they would otherwise get the 30-minute default)."""
+    backend = str(dist.get_backend()).lower()
+    options = (dist.ProcessGroupNCCL.Options() if "nccl" in backend and hasattr(dist, "ProcessGroupNCCL")
+               else dist.ProcessGroupGloo._Options())
+    options._timeout = timeout
+    override = {name: options for name in names}
+    return init_device_mesh(device_type, shape, mesh_dim_names=names, backend_override=override)
 
 
 def _resolve_degrees(sp: int | None, ring: int | None, ulysses: int | None, world: int) -> tuple[int, int, int]:
@@ -140,7 +161,8 @@ def _resolve_degrees(sp: int | None, ring: int | None, ulysses: int | None, worl
 
 
 def init_sequence_parallel(
-    sp: int | None = None, *, ring: int | None = None, ulysses: int | None = None, cpu: bool | None = None
+    sp: int | None = None, *, ring: int | None = None, ulysses: int | None = None, cpu: bool | None = None,
+    timeout: float | None = None,
 ) -> SequenceParallelGroups:
     """Create (or reuse) the process groups and make them current.
 
@@ -149,12 +171,15 @@ def init_sequence_parallel(
         ring: ring-attention degree (hybrid `sp = ulysses x ring`); default 1, i.e. pure Ulysses.
         ulysses: Ulysses degree; default `sp // ring`. Give either or both (their product must be `sp`).
         cpu: force gloo/CPU (`True`) or NCCL/GPU (`False`); default: CPU when no CUDA device is present.
+        timeout: seconds a collective waits for a peer before failing (default env `DIFFUSERS_DIST_ATTN_TIMEOUT`,
+            else 600); applies to the groups created here (and to the default group when this call creates it).
 
     Returns the groups of this rank; layers and model adapters read them via `get_sequence_parallel_groups()`.
     Raises `ValueError` (on every rank, before any collective) when `sp` does not divide the world size or the
     degrees do not multiply to `sp`. `plan_degrees(...)` (`distributed.planner`) proposes degrees.
     """
-    _ensure_process_group(cpu)
+    wait = _timeout(timeout)
+    _ensure_process_group(cpu, wait)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     sp, ulysses, ring = _resolve_degrees(sp, ring, ulysses, world)
@@ -177,12 +202,12 @@ def init_sequence_parallel(
     else:
         device = torch.device("cpu")
     if ring > 1:
-        groups = _hybrid_groups(device_type, device, world, rank, sp, ulysses, ring)
+        groups = _hybrid_groups(device_type, device, world, rank, sp, ulysses, ring, wait)
         set_sequence_parallel_groups(groups)
         logger.info("sequence parallel: world %d, sp %d = ulysses %d x ring %d, dp %d, backend %s, rank %d",
                     world, sp, ulysses, ring, world // sp, backend, rank)
         return groups
-    mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+    mesh = _mesh(device_type, (world // sp, sp), ("dp", "sp"), wait)
     groups = SequenceParallelGroups(
         world_size=world,
         rank=rank,
@@ -201,10 +226,11 @@ def init_sequence_parallel(
 
 
 def _hybrid_groups(
-    device_type: str, device: torch.device, world: int, rank: int, sp: int, ulysses: int, ring: int
+    device_type: str, device: torch.device, world: int, rank: int, sp: int, ulysses: int, ring: int,
+    timeout: timedelta,
 ) -> SequenceParallelGroups:
     """Groups on a `("dp", "ring", "ulysses")` mesh; the SP group is the flattened `("ring", "ulysses")` block."""
-    mesh = init_device_mesh(device_type, (world // sp, ring, ulysses), mesh_dim_names=("dp", "ring", "ulysses"))
+    mesh = _mesh(device_type, (world // sp, ring, ulysses), ("dp", "ring", "ulysses"), timeout)
     sp_mesh = mesh["ring", "ulysses"]._flatten("sp")
     return SequenceParallelGroups(
         world_size=world,
@@ -226,20 +252,9 @@ def _hybrid_groups(
     )
 
 
-def sp_layout(group: dist.ProcessGroup | None) -> SequenceParallelGroups | None:
-    """The hybrid (ring > 1) groups whose SP group is `group`, or None (then `group` is pure Ulysses)."""
-    return None if group is None else _HYBRID.get(id(group))
-
-
-def current_layout() -> tuple[dist.ProcessGroup | None, SequenceParallelGroups | None]:
-    """`(sp_group, hybrid groups or None)` of the current groups; `(None, None)` before `init_sequence_parallel`.
-
-    Builds nothing and keys nothing by `id()`, so layers can call it inside a torch.compile'd forward.
-    """
-    groups = _CURRENT
-    if groups is None:
-        return None, None
-    return groups.sp_group, (groups if groups.ring_size > 1 else None)
+def current_groups() -> SequenceParallelGroups | None:
+    """The current groups, or None before `init_sequence_parallel` (builds nothing: callable in traced code)."""
+    return _CURRENT
 
 
 def _default_device() -> torch.device:
@@ -255,13 +270,10 @@ def set_sequence_parallel_groups(groups: SequenceParallelGroups | None) -> None:
     """Make `groups` current (or reset to the single-process default with `None`)."""
     global _CURRENT
     _CURRENT = groups
-    if groups is not None and groups.ring_size > 1 and groups.sp_group is not None:
-        _HYBRID[id(groups.sp_group)] = groups
 
 
 def destroy_sequence_parallel() -> None:
     """Forget the current groups and destroy the default process group if one exists."""
     set_sequence_parallel_groups(None)
-    _HYBRID.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

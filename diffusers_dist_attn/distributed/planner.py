@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..attention.backends import LSE_BACKENDS, AttentionBackendEnum
 from .collectives import head_split
 from .groups import valid_degrees
 
@@ -39,12 +38,12 @@ class DegreePlan:
         return len(set(self.head_split)) == 1
 
 
-def _ring_allowed(backend: AttentionBackendEnum | str | None, full_heads: bool) -> str | None:
+def _ring_allowed(can_ring: bool, full_heads: bool) -> str | None:
     """None when a ring is allowed, else why not."""
     if full_heads:
         return "video sparse attention needs whole heads over the full sequence"
-    if backend is not None and AttentionBackendEnum.parse(backend) not in LSE_BACKENDS:
-        return f"backend {AttentionBackendEnum.parse(backend).value} returns no log-sum-exp"
+    if not can_ring:
+        return "the attention backend returns no log-sum-exp"
     return None
 
 
@@ -56,7 +55,7 @@ def plan_degrees(
     *,
     ulysses: int | None = None,
     ring: int | None = None,
-    backend: AttentionBackendEnum | str | None = None,
+    can_ring: bool = True,
     full_heads: bool = False,
 ) -> DegreePlan:
     """Choose (or check) `(ulysses, ring)` for `num_heads` heads over an SP group of `sp_size` ranks.
@@ -65,7 +64,8 @@ def plan_degrees(
         gpus_per_node: ranks per node (default: all in one node).
         seq_len: tokens in the sequence (checks every rank gets at least one; reported in the reason).
         ulysses, ring: explicit degrees to validate instead of choosing (either or both).
-        backend: the attention backend; one without an LSE (flash-attn 3, VSA) cannot ring.
+        can_ring: whether the attention backend can run over a ring (it returns its log-sum-exp; flash-attn 3
+            does not: `attention.backends.lse_capable(backend)` answers it).
         full_heads: the attention needs whole heads over the whole sequence (video sparse attention).
     Raises `ValueError` naming the fix when no valid split exists or explicit degrees are invalid.
     """
@@ -75,7 +75,7 @@ def plan_degrees(
         raise ValueError(f"num_heads ({num_heads}) and sp_size ({sp_size}) must be positive")
     if seq_len is not None and int(seq_len) < sp:
         raise ValueError(f"a sequence of {seq_len} tokens cannot be split over {sp} ranks; use sp <= {seq_len}")
-    no_ring = _ring_allowed(backend, full_heads)
+    no_ring = _ring_allowed(can_ring, full_heads)
     if (ulysses is not None and int(ulysses) < 1) or (ring is not None and int(ring) < 1):
         raise ValueError(f"ulysses={ulysses} and ring={ring} must be positive degrees (or omitted)")
     if ulysses is not None or ring is not None:
@@ -86,8 +86,8 @@ def plan_degrees(
                              f"valid Ulysses degrees: {valid_degrees(sp, heads)}, or omit both to let the planner choose")
         if r > 1 and no_ring:
             raise ValueError(f"ring={r} is not possible: {no_ring}; use ring=1 (ulysses={sp}, heads split "
-                             f"{head_split(heads, sp) if heads >= sp else 'impossible'}) or another backend "
-                             f"(one of {[b.value for b in LSE_BACKENDS]})")
+                             f"{head_split(heads, sp) if heads >= sp else 'impossible'}) or a backend that returns its "
+                             "log-sum-exp (sdpa_flash, sdpa_math)")
         if u > heads:
             raise ValueError(f"ulysses={u} exceeds the {heads} heads (one head per rank at least); use ulysses in "
                              f"{valid_degrees(sp, heads)} with ring = {sp} / ulysses")

@@ -1,13 +1,17 @@
-"""Video Sparse Attention: tiling, the PyTorch reference and the kernel dispatch point."""
+"""Video Sparse Attention kernels: tiling, the PyTorch reference (ground truth), the Triton and CUDA custom ops.
 
-from .dispatch import available_implementations, resolve_implementation, vsa_tiled
+This package is a kernel library: which implementation runs is chosen by the backend registry
+(`attention.registry`, rows `cuda`, `triton`, `torch`; entry point `attention.backends.vsa_attention_tiled`).
+"""
+
 from .reference import block_mean, coarse_attention, topk_block_indices, vsa_tiled_reference
-from .tiling import BLOCK, TILE, TileLayout, tile, tile_layout, topk_for_sparsity, untile
+from .tiling import BLOCK, TILE, TileLayout, num_blocks, tile, tile_layout, topk_for_sparsity, untile
 
 __all__ = [
     "BLOCK",
     "TILE",
     "TileLayout",
+    "num_blocks",
     "tile_layout",
     "tile",
     "untile",
@@ -16,7 +20,4 @@ __all__ = [
     "coarse_attention",
     "topk_block_indices",
     "vsa_tiled_reference",
-    "vsa_tiled",
-    "available_implementations",
-    "resolve_implementation",
 ]

@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..numerics import acc as _acc
 from .tiling import BLOCK
-
-
-def _acc(x: torch.Tensor) -> torch.Tensor:
-    """At least fp32 (fp64 stays fp64, so the reference can serve gradcheck)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
 
 __all__ = [
     "block_mean",

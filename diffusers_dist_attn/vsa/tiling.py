@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TILE", "BLOCK", "TileLayout", "tile_layout", "tile", "untile", "topk_for_sparsity"]
+__all__ = ["TILE", "BLOCK", "TileLayout", "num_blocks", "tile_layout", "tile", "untile", "topk_for_sparsity"]
 
 TILE: tuple[int, int, int] = (4, 4, 4)
 BLOCK: int = TILE[0] * TILE[1] * TILE[2]
@@ -53,7 +53,7 @@ class TileLayout:
 @functools.lru_cache(maxsize=64)
 def _layout_cpu(grid: tuple[int, int, int]) -> TileLayout:
     t, h, w = grid
-    tiles = tuple(math.ceil(n / s) for n, s in zip(grid, TILE, strict=True))
+    tiles = _tiles(grid)
     coords = torch.stack(
         torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"), dim=-1
     ).reshape(-1, 3)  # raster order
@@ -76,23 +76,39 @@ def _layout_cpu(grid: tuple[int, int, int]) -> TileLayout:
                       is_pad.nonzero().flatten())
 
 
-_DEVICE_CACHE: dict[tuple[tuple[int, int, int], torch.device], TileLayout] = {}
+def _tiles(grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    return tuple(math.ceil(n / s) for n, s in zip(grid, TILE, strict=True))
+
+
+def num_blocks(grid: tuple[int, int, int]) -> int:
+    """`N`, the number of 64-token blocks of `grid` (pure Python)."""
+    return math.prod(_tiles(grid))
+
+
+_DEVICE_CACHE: dict[tuple[tuple[int, int, int], torch.device], tuple[torch.Tensor, ...]] = {}
+
+
+@torch.compiler.assume_constant_result
+def _index_tensors(grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """`(slot_index, block_sizes, source_index, pad_slots)` of `grid` on `device`, built once per process.
+
+    Under `torch.compile` this runs eagerly at trace time and its result is a constant of the graph: building the
+    layout inside the traced region would make its `nonzero()` a data-dependent shape (a fullgraph failure).
+    """
+    key = (grid, device)
+    if key not in _DEVICE_CACHE:
+        base = _layout_cpu(grid)
+        _DEVICE_CACHE[key] = tuple(t.to(device) for t in (base.slot_index, base.block_sizes, base.source_index,
+                                                          base.pad_slots))
+    return _DEVICE_CACHE[key]
 
 
 def tile_layout(grid: tuple[int, int, int], device: torch.device | str = "cpu") -> TileLayout:
     """The (cached) tile layout of `grid` with its index tensors on `device`."""
-    grid = tuple(int(g) for g in grid)
-    if len(grid) != 3 or min(grid) < 1:
+    if len(grid) != 3 or any(isinstance(g, bool) or int(g) != g or g < 1 for g in grid):
         raise ValueError(f"grid_size must be three positive ints (T, H, W); got {grid}")
-    device = torch.device(device)
-    key = (grid, device)
-    if key not in _DEVICE_CACHE:
-        base = _layout_cpu(grid)
-        _DEVICE_CACHE[key] = TileLayout(
-            base.grid, base.tiles, base.num_blocks, base.slot_index.to(device), base.block_sizes.to(device),
-            base.source_index.to(device), base.pad_slots.to(device),
-        )
-    return _DEVICE_CACHE[key]
+    grid = tuple(int(g) for g in grid)
+    return TileLayout(grid, _tiles(grid), num_blocks(grid), *_index_tensors(grid, torch.device(device)))
 
 
 def tile(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:

@@ -57,7 +57,7 @@ CONFIGS: dict[str, dict[str, int]] = {
 POISON_OUTPUTS = False
 
 
-def _new(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def new_output(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised output (poisoned when `POISON_OUTPUTS`)."""
     dtype = like.dtype if dtype is None else dtype
     if not POISON_OUTPUTS:
@@ -384,7 +384,7 @@ def block_means(
     """`[B, H, 64N, D]` x3 -> `[B, H, N, D]` x3 block means (input dtype); block_sizes int32 `[N]`."""
     bh, n, d = _dims(q)
     b, h = q.shape[:2]
-    qc, kc, vc = (_new((b, h, n, d), x) for x in (q, k, v))
+    qc, kc, vc = (new_output((b, h, n, d), x) for x in (q, k, v))
     _block_mean_kernel[(n, bh)](q, k, v, qc, kc, vc, block_sizes, n, D=d, num_warps=4)
     return qc, kc, vc
 
@@ -398,11 +398,11 @@ def coarse_select(
     `q2k_idx` int32 `[B,H,N,topk]` (ascending), `q2k_num` int32 `[B,H,N]`.
     """
     b, h, n, d = qc.shape
-    out_c = _new((b, h, n, d), qc, torch.float32)
-    scores = _new((b, h, n, n), qc, torch.float32)
-    sel = _new((b, h, n, n), qc, torch.uint8)
-    idx = _new((b, h, n, topk), qc, torch.int32)
-    num = _new((b, h, n), qc, torch.int32)
+    out_c = new_output((b, h, n, d), qc, torch.float32)
+    scores = new_output((b, h, n, n), qc, torch.float32)
+    sel = new_output((b, h, n, n), qc, torch.uint8)
+    idx = new_output((b, h, n, topk), qc, torch.int32)
+    num = new_output((b, h, n), qc, torch.int32)
     npad = max(16, triton.next_power_of_2(n))
     bmc = 16
     rows = max(1, min(bmc, 2048 // npad))
@@ -416,8 +416,8 @@ def coarse_select(
 def build_k2q(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Byte mask `[B,H,Nq,Nk]` -> `k2q_idx` int32 `[B,H,Nk,Nq]` (ascending, first `k2q_num` valid), `k2q_num`."""
     b, h, n, _ = sel.shape
-    k2q = _new((b, h, n, n), sel, torch.int32)
-    k2qn = _new((b, h, n), sel, torch.int32)
+    k2q = new_output((b, h, n, n), sel, torch.int32)
+    k2qn = new_output((b, h, n), sel, torch.int32)
     _k2q_kernel[(triton.cdiv(n, 64), b * h)](sel, k2q, k2qn, n, BC=64, RB=32, num_warps=4)
     return k2q, k2qn
 
@@ -464,9 +464,9 @@ def sparse_fwd(
     `out_s [B,H,S,D]` (empty unless `save_out_s`)."""
     bh, n, d = _dims(q)
     cfg, gb = _grouping("fwd", n, q2k_idx.shape[-1] == n)
-    out = _new(q.shape, q)
-    out_s = _new(q.shape, q) if save_out_s else q.new_empty(0)
-    lse = _new(q.shape[:3], q, torch.float32)
+    out = new_output(q.shape, q)
+    out_s = new_output(q.shape, q) if save_out_s else q.new_empty(0)
+    lse = new_output(q.shape[:3], q, torch.float32)
     use_tma, (kt, vt) = _operands(cfg, k, v)
     _fwd_kernel[(triton.cdiv(n, gb), bh)](
         q, kt, vt, gate if gate is not None else q, out_c, out, out_s, lse, q2k_idx, q2k_num, block_sizes,
@@ -482,9 +482,9 @@ def bwd_preprocess(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Returns `delta` fp32 `[B,H,S]`, `d_gate [B,H,S,D]` (None without gate), `d_out_c` fp32 `[B,H,N,D]`."""
     bh, n, d = _dims(dout)
-    delta = _new(dout.shape[:3], dout, torch.float32)
-    dgate = _new(gate.shape, gate) if gate is not None else None
-    doc = _new(out_c.shape, out_c)
+    delta = new_output(dout.shape[:3], dout, torch.float32)
+    dgate = new_output(gate.shape, gate) if gate is not None else None
+    doc = new_output(out_c.shape, out_c)
     _bwd_pre_kernel[(n, bh)](
         out_s, dout, gate if gate is not None else dout, out_c, delta, dgate if dgate is not None else dout, doc,
         n, D=d, HAS_GATE=gate is not None, num_warps=4,
@@ -509,7 +509,7 @@ def sparse_bwd_dq(
     block means) broadcast to each block's 64 rows."""
     bh, n, d = _dims(q)
     cfg, gb = _grouping("dq", n, q2k_idx.shape[-1] == n)
-    dq = _new(q.shape, q)
+    dq = new_output(q.shape, q)
     use_tma, (kt, vt) = _operands(cfg, k, v)
     _bwd_dq_kernel[(triton.cdiv(n, gb), bh)](
         q, kt, vt, dout, lse, delta, dqc, dq, q2k_idx, q2k_num, block_sizes, scale * LOG2E, scale, n,
@@ -538,7 +538,7 @@ def sparse_bwd_dkdv(
     (topk == N), so programs take two key blocks."""
     bh, n, d = _dims(q)
     cfg, gb = _grouping("dkdv", n, shared_lists)
-    dk, dv = _new(k.shape, k), _new(v.shape, v)
+    dk, dv = new_output(k.shape, k), new_output(v.shape, v)
     use_tma, (qt, dot) = _operands(cfg, q, dout)
     _bwd_dkdv_kernel[(triton.cdiv(n, gb), bh)](
         qt, k, v, dot, lse, delta, dkc, dvc, dk, dv, k2q_idx, k2q_num, block_sizes, scale * LOG2E, scale, n,

@@ -14,20 +14,29 @@ On CUDA (bf16/fp16) they launch the Triton kernels; otherwise they run a plain-P
 Importing this module never needs Triton; `is_available()` says whether the CUDA path can run.
 """
 
-import functools
 import importlib.util
 import os
-from types import ModuleType
 
 import torch
 
+from ..numerics import acc as _acc
+from .op_contract import (
+    BWD_SCHEMA,
+    FWD_SCHEMA,
+    KERNEL_DTYPES,
+    backward,
+    check_tiled,
+    fwd_fake,
+    prepare_tiled,
+    setup_context,
+    triton_kernels,
+)
 from .reference import block_mean, vsa_tiled_reference
 from .tiling import BLOCK
 
 __all__ = ["is_available", "vsa_tiled_triton", "topk_select_torch", "k2q_from_mask_torch", "coarse_backward"]
 
 LOG2E = 1.4426950408889634
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def is_available() -> bool:
@@ -41,14 +50,7 @@ def is_available() -> bool:
 def _use_kernels(q: torch.Tensor) -> bool:
     """Triton kernels on CUDA (bf16/fp16); also on CPU under `TRITON_INTERPRET=1` (debugging, tiny sizes)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-    return q.dtype in _KERNEL_DTYPES and (q.is_cuda or interpret)
-
-
-@functools.cache
-def _kernels() -> ModuleType:
-    from . import triton_kernels
-
-    return triton_kernels
+    return q.dtype in KERNEL_DTYPES and (q.is_cuda or interpret)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -99,11 +101,6 @@ def _token_mask(sel: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
     return sel.bool().repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1) & key_ok
 
 
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    """Upcast to the mirror's accumulation dtype (fp32, or fp64 for fp64 inputs)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 def _fwd_torch(q, k, v, gate, block_sizes, topk, scale, save_out_s):
     qc, kc, vc = (block_mean(t, block_sizes) for t in (q, k, v))
     scores = (_acc(qc) @ _acc(kc).transpose(-1, -2)) * scale
@@ -141,54 +138,24 @@ def _bwd_torch(dout, q, k, v, gate, out_s, lse, out_c, sel, q_c, k_c, v_c, block
 # custom ops
 # --------------------------------------------------------------------------------------------------------------
 
-_FWD_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, Tensor? gate, Tensor block_sizes, int topk, float scale, bool save_out_s)"
-    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
-_BWD_SCHEMA = (
-    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? gate, Tensor out_s, Tensor lse, Tensor out_c,"
-    " Tensor sel, Tensor q2k_idx, Tensor q2k_num, Tensor q_c, Tensor k_c, Tensor v_c, Tensor block_sizes,"
-    " float scale) -> (Tensor, Tensor, Tensor, Tensor)"
-)
-
-
-@torch.library.custom_op("diffusers_dist_attn::vsa_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+@torch.library.custom_op("diffusers_dist_attn::vsa_fwd", mutates_args=(), schema=FWD_SCHEMA)
 def _vsa_fwd(q, k, v, gate, block_sizes, topk, scale, save_out_s):
     """VSA forward on tiled `[B,H,64N,D]`; see the module docstring for the outputs."""
     if not _use_kernels(q):
         return _fwd_torch(q, k, v, gate, block_sizes, topk, scale, save_out_s)
-    kern = _kernels()
+    kern = triton_kernels()
     qc, kc, vc = kern.block_means(q, k, v, block_sizes)
     out_c, _, sel, idx, num = kern.coarse_select(qc, kc, vc, topk, scale)
     out, lse, out_s = kern.sparse_fwd(q, k, v, gate, out_c, idx, num, block_sizes, scale, save_out_s)
     return out, lse, out_s, out_c, sel, idx, num, qc, kc, vc
 
 
-@_vsa_fwd.register_fake
-def _vsa_fwd_fake(q, k, v, gate, block_sizes, topk, scale, save_out_s):
-    b, h, s, d = q.shape
-    n = s // BLOCK
-    f32, i32 = torch.float32, torch.int32
-    return (
-        torch.empty_like(q),
-        q.new_empty(b, h, s, dtype=f32),
-        torch.empty_like(q) if save_out_s else q.new_empty(0),
-        q.new_empty(b, h, n, d, dtype=f32),
-        q.new_empty(b, h, n, n, dtype=torch.uint8),
-        q.new_empty(b, h, n, topk, dtype=i32),
-        q.new_empty(b, h, n, dtype=i32),
-        q.new_empty(b, h, n, d),
-        k.new_empty(b, h, n, d),
-        v.new_empty(b, h, n, d),
-    )
-
-
-@torch.library.custom_op("diffusers_dist_attn::vsa_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+@torch.library.custom_op("diffusers_dist_attn::vsa_bwd", mutates_args=(), schema=BWD_SCHEMA)
 def _vsa_bwd(dout, q, k, v, gate, out_s, lse, out_c, sel, q2k_idx, q2k_num, q_c, k_c, v_c, block_sizes, scale):
     """VSA backward: `(dq, dk, dv, dgate)`, `dgate` empty when `gate` is None."""
     if not _use_kernels(q):
         return _bwd_torch(dout, q, k, v, gate, out_s, lse, out_c, sel, q_c, k_c, v_c, block_sizes, scale)
-    kern = _kernels()
+    kern = triton_kernels()
     delta, dgate, d_out_c = kern.bwd_preprocess(dout, out_s, gate, out_c)
     dqc, dkc, dvc = coarse_backward(d_out_c, q_c, k_c, v_c, scale)  # divided by the block sizes in-kernel
     dq = kern.sparse_bwd_dq(q, k, v, dout, lse, delta, dqc, q2k_idx, q2k_num, block_sizes, scale)
@@ -208,28 +175,6 @@ def _vsa_bwd_fake(dout, q, k, v, gate, out_s, lse, out_c, sel, q2k_idx, q2k_num,
     )
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, gate, block_sizes, _topk, scale, _save = inputs
-    _out, lse, out_s, out_c, sel, idx, num, qc, kc, vc = output
-    ctx.scale = scale
-    ctx.has_gate = gate is not None
-    ctx.set_materialize_grads(False)  # the auxiliary outputs never get gradients; skip zero-filling them
-    ctx.save_for_backward(q, k, v, gate, block_sizes, out_s, lse, out_c, sel, idx, num, qc, kc, vc)
-
-
-def _backward(ctx, dout, *_unused):
-    if dout is None:
-        return None, None, None, None, None, None, None, None
-    q, k, v, gate, block_sizes, out_s, lse, out_c, sel, idx, num, qc, kc, vc = ctx.saved_tensors
-    if out_s.numel() == 0:
-        raise RuntimeError("vsa_fwd ran with save_out_s=False (no grad was required); cannot differentiate it")
-    dq, dk, dv, dgate = torch.ops.diffusers_dist_attn.vsa_bwd(
-        dout.contiguous(), q, k, v, gate, out_s, lse, out_c, sel, idx, num, qc, kc, vc, block_sizes, ctx.scale
-    )
-    return dq, dk, dv, (dgate if ctx.has_gate else None), None, None, None, None
-
-
-_vsa_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -252,34 +197,14 @@ def vsa_tiled_triton(
     per query block (ties to the lower block index). Differentiable in q, k, v and gate. bf16/fp16 run the
     Triton kernels on CUDA; other dtypes fall back to the reference.
     """
-    if q.dtype not in _KERNEL_DTYPES:
+    if q.dtype not in KERNEL_DTYPES:
         check_tiled(q, k, v, gate, block_sizes, topk)
         return vsa_tiled_reference(q, k, v, gate, block_sizes, topk, q.shape[-1] ** -0.5 if scale is None else scale)
     args = prepare_tiled(q, k, v, gate, block_sizes, topk, scale)
     return torch.ops.diffusers_dist_attn.vsa_fwd(*args)[0]
 
 
-def check_tiled(q, k, v, gate, block_sizes: torch.Tensor, topk: int) -> int:
-    """Validate tiled `[B, H, 64*N, D]` inputs of the VSA ops; returns N."""
-    s = q.shape[2]
-    if s % BLOCK or k.shape != q.shape or v.shape != q.shape or (gate is not None and gate.shape != q.shape):
-        raise ValueError(f"q, k, v, gate must share a [B, H, 64*N, D] shape; got {q.shape}, {k.shape}, {v.shape}")
-    n = s // BLOCK
-    if block_sizes.numel() != n:
-        raise ValueError(f"block_sizes has {block_sizes.numel()} entries for {n} blocks")
-    if not 1 <= topk <= n:
-        raise ValueError(f"topk must be in [1, {n}], got {topk}")
-    if k.dtype != q.dtype or v.dtype != q.dtype or (gate is not None and gate.dtype != q.dtype):
-        raise ValueError("q, k, v and gate must share one dtype")
-    return n
 
 
-def prepare_tiled(q, k, v, gate, block_sizes: torch.Tensor, topk: int, scale: float | None) -> tuple:
-    """Checked, contiguous arguments `(q, k, v, gate, sizes, topk, scale, save_out_s)` of the forward ops."""
-    check_tiled(q, k, v, gate, block_sizes, topk)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    tensors = (q, k, v) if gate is None else (q, k, v, gate)
-    save_out_s = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    gate = None if gate is None else gate.contiguous()
-    sizes = block_sizes.to(device=q.device, dtype=torch.int32).contiguous()
-    return q.contiguous(), k.contiguous(), v.contiguous(), gate, sizes, int(topk), scale, save_out_s
+_vsa_fwd.register_fake(fwd_fake)
+_vsa_fwd.register_autograd(backward, setup_context=setup_context)

@@ -19,13 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..attention.backends import (
-    AttentionBackendEnum,
-    attention_backward_with_lse,
-    attention_forward_with_lse,
-    dense_attention_with_lse,
-)
-from .collectives import group_rank, group_size
+from ..distributed.collectives import group_rank, group_size
+from .backends import attention_backward_with_lse, attention_forward_with_lse, dense_attention_with_lse
 
 __all__ = ["ring_attention"]
 
@@ -148,7 +143,7 @@ def ring_attention(
     extra_k: torch.Tensor | None = None,
     extra_v: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
-    backend: AttentionBackendEnum | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Exact attention of this rank's queries over every ring rank's K/V block (+ the extra keys once).
 
@@ -159,7 +154,7 @@ def ring_attention(
         block_lens: key rows of every ring rank (default: all equal to `k.shape[1]`); 0 is allowed.
         extra_k, extra_v: `[B, L, H, D]` keys identical on every rank (replicated text), attended exactly once.
         extra_mask: bool `[B, L]`, True = attend (padding of the extra keys).
-        backend: an LSE backend (`resolve_lse_backend`); None = flash kernel on CUDA when it fits, else math.
+        backend: an LSE row name (`backends.lse_backend`); None = flash kernel on CUDA when it fits, else math.
     Returns:
         `[B, S_q, H, D]` in q's dtype; differentiable in q, k, v, extra_k, extra_v.
     """

@@ -1,0 +1,170 @@
+"""Attention strategies: what runs between a layer's all-to-alls (FastVideo's `AttentionImpl` split).
+
+A layer (`layers.py`) owns the flow: validate -> agree across ranks -> all-to-all -> rotary -> attend -> back.
+A strategy owns the attention step on this rank's heads over the full sequence:
+
+- `check(seq_len, options)` validates its per-call options on every rank before any communication and returns
+  them resolved (e.g. VSA: grid, sparsity, top-k); `fields(options)` is what must agree across ranks;
+- `attend(q, k, v, gate, replicated, options)` runs it: `q, k, v [B, S, H_r, D]` (this rank's heads, the unpadded
+  sequence), replicated tokens `[B, L, H_r, D]` with their key mask, returns `(out [B, S, H_r, D],
+  replicated_out [B, L, H_r, D] or None)`.
+
+`DenseImpl` (one device), `RingImpl` (dense over a ring sub-group; exact through log-sum-exp merges) and `VSAImpl`
+(Video Sparse Attention). Only dense attention can ring (`can_ring`): VSA needs whole heads over the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..distributed.collectives import broadcast_from_first, group_rank, group_size
+from ..vsa.tiling import num_blocks, tile, tile_layout, topk_for_sparsity, untile
+from .backends import VSA_IMPLEMENTATIONS, dense_attention, lse_backend, vsa_attention_tiled
+from .ring import ring_attention
+from .validation import check_grid, check_sparsity
+
+__all__ = ["Replicated", "AttentionImpl", "DenseImpl", "RingImpl", "VSAImpl"]
+
+
+@dataclass(frozen=True)
+class Replicated:
+    """Tokens identical on every rank (e.g. text), sliced to this rank's heads: `[B, L, H_r, D]`, mask `[B, L]`."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+
+
+def joint_key_mask(video_len: int, replicated: Replicated) -> torch.Tensor | None:
+    """Key mask of `[video ; replicated]` keys (`[B, S + L]`, True = attend), or None when every key counts."""
+    if replicated.mask is None:
+        return None
+    mask = replicated.mask
+    return torch.cat([mask.new_ones(mask.shape[0], video_len), mask], 1)
+
+
+class AttentionImpl:
+    """One attention strategy of a layer; see the module docstring."""
+
+    can_ring = False
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer  # the owning layer: scale, causal flag, backend preferences
+
+    def check(self, seq_len: int, options: dict[str, Any]) -> dict[str, Any]:
+        if options:
+            raise TypeError(f"unexpected arguments {sorted(options)}")
+        return {}
+
+    def fields(self, options: dict[str, Any]) -> dict[str, Any]:
+        return dict(options)
+
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        layer = self.layer
+        return dense_attention(q, k, v, scale=layer.softmax_scale, causal=layer.causal, key_mask=key_mask,
+                               backend=layer.backend, supported=layer.supported_attention_backends)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
+               replicated: Replicated | None, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+class DenseImpl(AttentionImpl):
+    """Dense softmax attention over `[video ; replicated]` keys on this rank's heads."""
+
+    can_ring = True
+
+    def attend(self, q, k, v, gate, replicated, options):
+        if replicated is None:
+            return self.dense(q, k, v), None
+        video_len = q.shape[1]
+        out = self.dense(torch.cat([q, replicated.q], 1), torch.cat([k, replicated.k], 1),
+                         torch.cat([v, replicated.v], 1), joint_key_mask(video_len, replicated))
+        return out[:, :video_len], out[:, video_len:]
+
+
+class RingImpl(AttentionImpl):
+    """Dense attention whose video K/V blocks are spread over a ring sub-group (hybrid Ulysses x ring).
+
+    This rank holds the contiguous token block `[start, start + valid)` of the unpadded sequence. Replicated tokens
+    are keys once per ring rank (in its local step) and queries only on ring rank 0, whose replicated output is
+    broadcast over the ring, so it is bitwise identical on every rank.
+    """
+
+    can_ring = True
+
+    def __init__(self, layer: Any, ring: dist.ProcessGroup, block: int, seq_len: int, backend: str) -> None:
+        super().__init__(layer)
+        self.ring, self.block, self.seq_len, self.backend = ring, block, seq_len, backend
+
+    def attend(self, q, k, v, gate, replicated, options):
+        ring = self.ring
+        lens = [min(max(self.seq_len - r * self.block, 0), self.block) for r in range(group_size(ring))]
+        first = group_rank(ring) == 0
+        rep = replicated
+        queries = torch.cat([q, rep.q], 1) if rep is not None and first else q
+        out = ring_attention(queries, k, v, ring, scale=self.layer.softmax_scale, block_lens=lens,
+                             extra_k=None if rep is None else rep.k, extra_v=None if rep is None else rep.v,
+                             extra_mask=None if rep is None else rep.mask, backend=self.backend)
+        valid = q.shape[1]
+        if rep is None:
+            return out, None
+        if first:
+            rep_out = out[:, valid:]
+        else:  # a stand-in that takes part in autograd exactly when rank 0's output does (so every rank runs
+            # the broadcast's backward collective)
+            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rep.q, rep.k, rep.v))
+            rep_out = torch.zeros_like(rep.q).requires_grad_(needs_grad)
+        return out[:, :valid], broadcast_from_first(rep_out, ring)
+
+
+def ring_impl_for(layer: Any, q: torch.Tensor, ring: dist.ProcessGroup, block: int, seq_len: int) -> RingImpl:
+    """A `RingImpl` with the layer's LSE-capable backend (`ValueError` naming the fix when it has none)."""
+    if layer.causal:
+        raise ValueError("causal=True is not supported with ring attention; use ring=1 (pure Ulysses)")
+    return RingImpl(layer, ring, block, seq_len, lse_backend(q, layer.backend, layer.supported_attention_backends))
+
+
+class VSAImpl(AttentionImpl):
+    """Video Sparse Attention on the full `(T, H, W)` grid of this rank's heads.
+
+    Tiles the grid into 4x4x4 cubes (64-token blocks) and computes `out = rep64(coarse) * gate + block_sparse(top-k
+    blocks)`; top-k is per head, so the result does not depend on the SP degree. Replicated (text) tokens: video
+    queries attend to their top-k video blocks *and* all valid text keys in one softmax (the coarse stage stays
+    video-only); text queries attend densely to every video token and valid text key.
+    """
+
+    def check(self, seq_len, options):
+        grid_size = options.pop("grid_size", None)
+        sparsity = options.pop("sparsity", 0.0)
+        implementation = options.pop("implementation", None)
+        super().check(seq_len, options)
+        if implementation is not None and str(implementation).lower() not in ("auto", *VSA_IMPLEMENTATIONS):
+            raise ValueError(f"implementation={implementation!r}; allowed: {('auto', *VSA_IMPLEMENTATIONS)}")
+        grid = check_grid(grid_size, seq_len)
+        sparsity = check_sparsity(sparsity)
+        return {"grid": grid, "sparsity": sparsity, "topk": topk_for_sparsity(sparsity, num_blocks(grid)),
+                "implementation": implementation}
+
+    def attend(self, q, k, v, gate, replicated, options):
+        layout = tile_layout(options["grid"], q.device)
+        extra_k = extra_v = extra_mask = None
+        if replicated is not None:
+            extra_k, extra_v, extra_mask = replicated.k.transpose(1, 2), replicated.v.transpose(1, 2), replicated.mask
+        out = vsa_attention_tiled(
+            tile(q, layout), tile(k, layout), tile(v, layout), None if gate is None else tile(gate, layout),
+            layout.block_sizes, options["topk"], self.layer.softmax_scale, implementation=options["implementation"],
+            extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask,
+        )
+        out = untile(out, layout)
+        if replicated is None:
+            return out, None
+        rep_out = self.dense(replicated.q, torch.cat([k, replicated.k], 1), torch.cat([v, replicated.v], 1),
+                             joint_key_mask(q.shape[1], replicated))
+        return out, rep_out
