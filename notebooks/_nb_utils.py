@@ -6,8 +6,12 @@
 - `measure(fn, device)`: run `fn()` once; return `(result, seconds, peak MiB)`. On CUDA the peak is
   `torch.cuda.max_memory_allocated` above the allocation before the call; on CPU it is the peak resident set size
   (sampled every millisecond from `/proc/self/statm`) above the RSS before the call.
-- `vsa_benchmarks()`, `load_vsa_benchmark(path)`, `plot_vsa_speed(bench)`: read and plot the GPU VSA benchmark
-  JSON written by `benchmarks/bench_vsa.py`.
+- `repeat_timings(fn, repeats, device)`, `spread(seconds)`: several timed calls of `fn`; their median, min and max.
+- `save_figure(fig, name)`: when the environment variable `DDA_SAVE_FIGURES` names a folder (relative paths are
+  relative to the repository root, e.g. `DDA_SAVE_FIGURES=docs`), also write the figure there as `<name>.png`.
+- `recorded_date(path)`, `vsa_benchmarks()`, `load_vsa_benchmark(path)`, `plot_vsa_speed(bench)`: read and plot the
+  GPU VSA benchmark JSON written by `benchmarks/bench_vsa.py`, newest first by the date recorded inside each file
+  (file times say nothing after a clone).
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
-__all__ = ["REPO", "RESULTS", "free_port", "gpu_count", "measure", "vsa_benchmarks", "load_vsa_benchmark", "plot_vsa_speed"]
+__all__ = [
+    "REPO", "RESULTS", "free_port", "gpu_count", "measure", "repeat_timings", "spread", "save_figure",
+    "recorded_date", "vsa_benchmarks", "load_vsa_benchmark", "plot_vsa_speed",
+]
 
 
 def free_port() -> int:
@@ -114,12 +123,76 @@ def measure(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[
     return out, seconds, (peak - base) / 2**20
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def repeat_timings(fn: Callable[[], Any], repeats: int = 5, device: torch.device | str = "cpu") -> tuple[Any, list[float]]:
+    """`(last result, [seconds of each of `repeats` calls])`; no warm-up here (call `fn` once before if needed)."""
+    device = torch.device(device)
+    seconds, out = [], None
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        out = fn()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return out, seconds
+
+
+def spread(seconds: list[float], scale: float = 1.0) -> dict[str, float]:
+    """`{"median", "min", "max", "n"}` of `seconds` times `scale` (e.g. 1e3 for ms)."""
+    xs = [x * scale for x in seconds]
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def save_figure(fig, name: str) -> Path | None:
+    """Write `fig` to `$DDA_SAVE_FIGURES/<name>.png` when that variable is set; returns the path (else None)."""
+    folder = os.environ.get("DDA_SAVE_FIGURES")
+    if not folder:
+        return None
+    path = Path(folder)
+    if not path.is_absolute():
+        path = REPO / path
+    path.mkdir(parents=True, exist_ok=True)
+    path = path / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The GPU VSA benchmark (benchmarks/bench_vsa.py -> benchmarks/results/vsa_bench_<tag>.json)
 # ----------------------------------------------------------------------------------------------------------------
-def vsa_benchmarks() -> list[Path]:
-    """The VSA benchmark JSON files, newest first."""
-    return sorted(RESULTS.glob("vsa_*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+def recorded_date(path: Path | str) -> datetime | None:
+    """The measurement date written inside a results JSON (`meta.date`, else a top-level `date` or `timestamp`),
+    as an aware UTC datetime; None when the file has none or cannot be read."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    for value in (meta.get("date"), meta.get("timestamp"), data.get("date"), data.get("timestamp")):
+        if isinstance(value, str) and value:
+            try:
+                when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return None
+
+
+def vsa_benchmarks(results: Path | str = RESULTS) -> list[Path]:
+    """The VSA benchmark JSON files in `results`, newest first by the date recorded inside each file (not the file
+    time, which a clone or checkout sets to the same value for all); files without a date come last, by name."""
+    dated, undated = [], []
+    for path in sorted(Path(results).glob("vsa_*.json")):
+        when = recorded_date(path)
+        (undated if when is None else dated).append((when, path))
+    dated.sort(key=lambda item: item[0], reverse=True)
+    return [path for _, path in dated + undated]
 
 
 def _shape_label(shape: Any) -> str:

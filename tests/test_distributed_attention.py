@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_utils import run_distributed
+from references import joint_attention_reference
 
-from diffusers_dist_attn import DistributedAttention, LocalAttention, get_sequence_parallel_groups
-from diffusers_dist_attn.attention import apply_rotary
+from diffusers_dist_attn import DistributedAttention, get_sequence_parallel_groups
 from diffusers_dist_attn.distributed import gather_sequence, shard_sequence
 
 B, S, H, D, L = 2, 13, 4, 8, 5  # S = 13 is uneven over 2 and 4 ranks
@@ -24,22 +24,8 @@ def _inputs():
 
 
 def _single_process(replicated: bool, rotary: bool):
-    (q, k, v), rep, mask, freqs, w_out, w_rep = _inputs()
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, *rep)]
-    q, k, v, rq, rk, rv = leaves
-    if rotary:
-        q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
-    layer = LocalAttention(H, D)
-    if replicated:
-        key_mask = torch.cat([torch.ones(B, S, dtype=torch.bool), mask], 1)
-        out = layer(torch.cat([q, rq], 1), torch.cat([k, rk], 1), torch.cat([v, rv], 1), key_mask=key_mask)
-        out, rep_out = out[:, :S], out[:, S:]
-        loss = (out * w_out).sum() + (rep_out * w_rep).sum()
-    else:
-        out, rep_out = layer(q, k, v), None
-        loss = (out * w_out).sum()
-    loss.backward()
-    return out.detach(), None if rep_out is None else rep_out.detach(), [t.grad for t in leaves]
+    qkv, rep, mask, freqs, w_out, w_rep = _inputs()
+    return joint_attention_reference(qkv, rep, mask, freqs if rotary else None, w_out, w_rep, replicated)
 
 
 def _distributed_body(rank, world, replicated, rotary):

@@ -7,6 +7,9 @@ cell's traceback in the report. Notebooks must be committed with their outputs c
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import time
 from pathlib import Path
 
@@ -30,6 +33,52 @@ def execute(nb: nbformat.NotebookNode, cwd: Path) -> float:
     return time.perf_counter() - start
 
 
+def _nb_utils():
+    spec = importlib.util.spec_from_file_location("_nb_utils", NOTEBOOK_DIR / "_nb_utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_notebook_03_picks_the_newest_results_file_by_recorded_date(tmp_path):
+    """Notebook 03 charts `vsa_benchmarks()[0]`: it must be the newest by the date inside the JSON, whatever the
+    file times (equal after a clone) and names say."""
+    utils = _nb_utils()
+    older = tmp_path / "vsa_bench_z_older.json"  # sorts last by name
+    newer = tmp_path / "vsa_bench_a_newer.json"
+    undated = tmp_path / "vsa_bench_m_undated.json"
+    older.write_text(json.dumps({"meta": {"card": "X", "date": "2026-11-27T07:04:23+00:00"}, "rows": []}))
+    newer.write_text(json.dumps({"meta": {"card": "X", "date": "2026-11-27T08:37:51+00:00"}, "rows": []}))
+    undated.write_text(json.dumps({"meta": {"card": "X"}, "rows": []}))
+    for stamp in (1_000_000_000, 2_000_000_000):  # equal file times, then the older file touched last
+        for path in (older, newer, undated):
+            os.utime(path, (stamp, stamp))
+        assert utils.vsa_benchmarks(tmp_path) == [newer, older, undated]
+        os.utime(older, (stamp + 10, stamp + 10))
+        assert utils.vsa_benchmarks(tmp_path)[0] == newer
+    assert utils.load_vsa_benchmark(utils.vsa_benchmarks(tmp_path)[0])["date"] == "2026-11-27T08:37:51+00:00"
+    # the repository's own results: the first file is the newest recorded date among them
+    files = utils.vsa_benchmarks()
+    dated = [utils.recorded_date(f) for f in files if utils.recorded_date(f) is not None]
+    if dated:
+        assert utils.recorded_date(files[0]) == max(dated)
+
+
+def test_save_figure_only_when_asked(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    utils = _nb_utils()
+    fig = plt.figure(figsize=(1, 1))
+    monkeypatch.delenv("DDA_SAVE_FIGURES", raising=False)
+    assert utils.save_figure(fig, "x") is None
+    monkeypatch.setenv("DDA_SAVE_FIGURES", str(tmp_path / "figs"))
+    assert utils.save_figure(fig, "x") == tmp_path / "figs" / "x.png" and (tmp_path / "figs" / "x.png").stat().st_size
+    plt.close(fig)
+
+
 def test_all_notebooks_present():
     missing = [name for name in EXPECTED if not (NOTEBOOK_DIR / name).is_file()]
     assert not missing, f"missing notebooks: {missing}"
@@ -45,7 +94,8 @@ def test_notebook_committed_without_outputs(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPECTED)
-def test_notebook_runs(name):
+def test_notebook_runs(name, monkeypatch):
+    monkeypatch.delenv("DDA_SAVE_FIGURES", raising=False)  # the kernel inherits it: never rewrite docs/ from a test
     path = NOTEBOOK_DIR / name
     nb = nbformat.read(path, as_version=4)
     seconds = execute(nb, path.parent)
