@@ -55,7 +55,7 @@ def _gates(path: Path, dim: int = 48, layers: int = 2, seed: int = 0) -> Path:
 @pytest.mark.slow
 def test_generate_two_processes_torchrun_check(tmp_path):
     out = tmp_path / "out"
-    proc = _launch(TORCHRUN, ["--output-dir", str(out), "--check"])
+    proc = _launch(TORCHRUN, ["--output-dir", str(out), "--check", "--format", "gif"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "wan-dense-sp2.json").read_text())
     assert report["world_size"] == 2 and report["sp"] == 2 and report["attention"] == "dense"
@@ -164,7 +164,7 @@ def test_generate_data_parallel_replicas_write_their_own_seeds(tmp_path):
     """`--sp 1` on 2 processes: 2 data-parallel replicas, seeds 0 and 1, one video + report each."""
     out = tmp_path / "out"
     proc = _launch(TORCHRUN, ["--output-dir", str(out), "--sp", "1", "--steps", "2", "--height", "32", "--width", "32",
-                              "--num-frames", "5", "--check"])
+                              "--num-frames", "5", "--check", "--format", "gif"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads((out / f"wan-dense-sp1-seed{s}.json").read_text()) for s in (0, 1)]
     assert [r["seed"] for r in reports] == [0, 1] and all(r["dp"] == 2 and r["sp"] == 1 for r in reports)

@@ -8,18 +8,28 @@ Every adapter module (e.g. `pipelines/wan.py`) provides:
 | `DEFAULTS` | `dict[str, Any]` | default call settings for the embedded tiny pipeline: `height`, `width`, `num_frames`, `steps`, `guidance_scale`, `prompt`, `negative_prompt` |
 | `build_tiny_pipeline` | `(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> DiffusionPipeline` | a small pipeline built in code, offline, random weights, deterministic for a seed |
 | `load_pipeline` | `(path: str, dtype: torch.dtype) -> DiffusionPipeline` | a local diffusers folder; raises `ValueError` naming what was found when the folder is not this model |
-| `call_kwargs` | `(args: argparse.Namespace) -> dict` | keyword arguments for `pipe(...)` from the parsed CLI options (`prompt`, `negative_prompt`, `height`, `width`, `num_frames`, `steps`, `guidance_scale`); the CLI adds `generator`, `output_type`, callbacks |
+| `call_kwargs` | `(settings) -> dict` | keyword arguments for `pipe(...)` from an object with the CLI options as attributes (`cli.RunConfig` or an `argparse.Namespace`: `prompt`, `negative_prompt`, `height`, `width`, `num_frames`, `steps`, `guidance_scale`); the CLI adds `generator`, `output_type`, callbacks |
+
+Optional (the CLI checks inputs with them before loading weights; without them nothing is checked):
+
+| name | signature | what |
+|---|---|---|
+| `check_folder` | `(path) -> Path` | the folder checks of `load_pipeline` without loading weights (`ValueError`); returns the folder |
+| `SIZE_MULTIPLE` | `int` | height and width must be multiples of it (the diffusers pipeline's `check_inputs`) |
+| `temporal_compression` | `(path=None) -> int` | the VAE's temporal compression `t` (of a folder's `vae/config.json`, else the embedded VAE's): the pipeline decodes `t*k + 1` frames |
 
 `get_pipeline_module(name)` imports the adapter and checks this interface; an unknown name or a missing adapter
-raises `ValueError` listing the known names.
+raises `ValueError` listing the known names. `check_video_size(module, height, width, num_frames, path)` applies
+the size and frame-count rules.
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 
-__all__ = ["PIPELINES", "REQUIRED_ATTRIBUTES", "get_pipeline_module"]
+__all__ = ["PIPELINES", "REQUIRED_ATTRIBUTES", "get_pipeline_module", "check_video_size", "nearest_frame_counts"]
 
 PIPELINES: dict[str, str] = {
     "wan": "diffusers_dist_attn.pipelines.wan",
@@ -44,3 +54,29 @@ def get_pipeline_module(name: str) -> ModuleType:
     if missing:
         raise ValueError(f"pipeline adapter {PIPELINES[name]} lacks {missing} (required: {list(REQUIRED_ATTRIBUTES)})")
     return module
+
+
+def nearest_frame_counts(num_frames: int, temporal: int) -> tuple[int, ...]:
+    """The valid frame counts (`temporal * k + 1`) nearest to `num_frames`: one or two values, ascending."""
+    below = (num_frames - 1) // temporal * temporal + 1
+    return (below, below + temporal) if below >= 1 else (below + temporal,)
+
+
+def check_video_size(module: ModuleType, height: int, width: int, num_frames: int, path: str | Path | None = None
+                     ) -> None:
+    """`ValueError` (one line, naming the option and the nearest valid values) when the pipeline of `module` would
+    not produce exactly `num_frames` frames of `height` x `width`: diffusers' Wan and HunyuanVideo pipelines decode
+    `t*k + 1` frames (VAE temporal compression `t`; other counts are rounded down with at most a warning) and
+    reject sizes that are not multiples of 16."""
+    name = getattr(module, "NAME", module.__name__)
+    multiple = getattr(module, "SIZE_MULTIPLE", 1)
+    for option, value in (("--height", height), ("--width", width)):
+        if value % multiple:
+            below, above = value // multiple * multiple, value // multiple * multiple + multiple
+            nearest = f"{below} or {above}" if below else f"{above}"
+            raise ValueError(f"{option} {value}: {name} needs a multiple of {multiple}; nearest valid: {nearest}")
+    temporal = getattr(module, "temporal_compression", lambda path=None: 1)(path)
+    if temporal > 1 and num_frames % temporal != 1:
+        nearest = " or ".join(str(n) for n in nearest_frame_counts(num_frames, temporal))
+        raise ValueError(f"--num-frames {num_frames}: {name} decodes {temporal}k+1 frames (VAE temporal compression "
+                         f"{temporal}); nearest valid: {nearest}")

@@ -32,10 +32,14 @@ __all__ = [
     "tiny_prompt_template",
     "build_tiny_pipeline",
     "load_pipeline",
+    "check_folder",
+    "temporal_compression",
+    "SIZE_MULTIPLE",
     "call_kwargs",
 ]
 
 NAME = "hunyuan-video"
+SIZE_MULTIPLE = 16  # HunyuanVideoPipeline.check_inputs: height and width divisible by 16
 
 DEFAULTS: dict[str, Any] = {
     "height": 32,
@@ -189,32 +193,56 @@ def _class_name(path: Path) -> str | None:
         return None
 
 
-def load_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16):
-    """A local diffusers HunyuanVideo text-to-video folder (`HunyuanVideoPipeline`, or a saved tiny pipeline); the
-    VAE is loaded in fp32 with tiling on. Raises `ValueError` naming what was found when `path` is not such a
-    folder."""
-    from diffusers import AutoencoderKLHunyuanVideo
+_PIPELINE_CLASSES = ("HunyuanVideoPipeline", "TinyHunyuanVideoPipeline")
 
+
+def temporal_compression(path: str | Path | None = None) -> int:
+    """Frames per latent frame of the VAE (`temporal_compression_ratio` in `path/vae/config.json`; 4 for the
+    embedded VAE and when the folder does not say): the pipeline makes `(num_frames - 1) // 4 + 1` latent frames,
+    so it decodes `4k + 1` frames and silently rounds other counts down."""
+    if path is not None:
+        try:
+            value = json.loads((Path(path) / "vae" / "config.json").read_text()).get("temporal_compression_ratio")
+            if isinstance(value, int) and value > 0:
+                return value
+        except (OSError, ValueError, AttributeError):
+            pass
+    return 4
+
+
+def check_folder(path: str | Path) -> Path:
+    """`path` if it is a local diffusers HunyuanVideo text-to-video folder -- checked from its JSON files, no
+    weights read; `ValueError` naming what was found otherwise."""
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"--model {root}: not a directory (expected a local diffusers HunyuanVideo folder)")
     pipeline_class = _class_name(root / "model_index.json")
     if pipeline_class is None:
         raise ValueError(f"--model {root}: no readable model_index.json; not a diffusers pipeline folder")
-    classes = {"HunyuanVideoPipeline": HunyuanVideoPipeline, "TinyHunyuanVideoPipeline": TinyHunyuanVideoPipeline}
-    if pipeline_class not in classes:
+    if pipeline_class not in _PIPELINE_CLASSES:
         raise ValueError(f"--model {root}: model_index.json names {pipeline_class!r}; the hunyuan-video pipeline "
                          "needs a text-to-video 'HunyuanVideoPipeline' folder")
     transformer_class = _class_name(root / "transformer" / "config.json")
     if transformer_class != "HunyuanVideoTransformer3DModel":
         raise ValueError(f"--model {root}: transformer/config.json names {transformer_class!r}, not "
                          "'HunyuanVideoTransformer3DModel'")
+    return root
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16):
+    """A local diffusers HunyuanVideo text-to-video folder (`HunyuanVideoPipeline`, or a saved tiny pipeline); the
+    VAE is loaded in fp32 with tiling on. Raises `ValueError` naming what was found when `path` is not such a
+    folder (`check_folder`)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    root = check_folder(path)
+    classes = {"HunyuanVideoPipeline": HunyuanVideoPipeline, "TinyHunyuanVideoPipeline": TinyHunyuanVideoPipeline}
     vae = AutoencoderKLHunyuanVideo.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32)
     vae.enable_tiling()
-    return classes[pipeline_class].from_pretrained(root, vae=vae, torch_dtype=dtype)
+    return classes[_class_name(root / "model_index.json")].from_pretrained(root, vae=vae, torch_dtype=dtype)
 
 
-def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def call_kwargs(args: argparse.Namespace | Any) -> dict[str, Any]:
     """Keyword arguments for `HunyuanVideoPipeline.__call__` from the CLI options.
 
     `guidance_scale` is HunyuanVideo's embedded guidance; a non-empty `negative_prompt` is passed along but only

@@ -23,11 +23,15 @@ __all__ = [
     "build_tiny_tokenizer",
     "build_tiny_pipeline",
     "load_pipeline",
+    "check_folder",
+    "temporal_compression",
+    "SIZE_MULTIPLE",
     "call_kwargs",
     "cast_keeping_fp32_modules",
 ]
 
 NAME = "wan"
+SIZE_MULTIPLE = 16  # WanPipeline.check_inputs: height and width divisible by 16 (VAE 8 x patch 2)
 
 DEFAULTS: dict[str, Any] = {
     "height": 64,
@@ -129,13 +133,22 @@ def _class_name(path: Path) -> str | None:
         return None
 
 
-def load_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16):
-    """A local diffusers Wan text-to-video folder (`WanPipeline`, Wan 2.1 or 2.2); the VAE is loaded in fp32.
+def temporal_compression(path: str | Path | None = None) -> int:
+    """Frames per latent frame of the VAE (`scale_factor_temporal` in `path/vae/config.json`; 4 for the embedded
+    VAE and when the folder does not say): `WanPipeline` decodes `4k + 1` frames and rounds other counts down."""
+    if path is not None:
+        try:
+            value = json.loads((Path(path) / "vae" / "config.json").read_text()).get("scale_factor_temporal")
+            if isinstance(value, int) and value > 0:
+                return value
+        except (OSError, ValueError, AttributeError):
+            pass
+    return 4
 
-    Raises `ValueError` naming what was found when `path` is not such a folder.
-    """
-    from diffusers import AutoencoderKLWan, WanPipeline
 
+def check_folder(path: str | Path) -> Path:
+    """`path` if it is a local diffusers Wan text-to-video folder (`WanPipeline`, Wan 2.1 or 2.2) -- checked from
+    its JSON files, no weights read; `ValueError` naming what was found otherwise."""
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"--model {root}: not a directory (expected a local diffusers Wan folder)")
@@ -145,16 +158,27 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     if pipeline_class != "WanPipeline":
         raise ValueError(f"--model {root}: model_index.json names {pipeline_class!r}; the wan pipeline needs a "
                          "text-to-video 'WanPipeline' folder")
-    transformers_found = {sub: _class_name(root / sub / "config.json") for sub in ("transformer", "transformer_2")}
-    if transformers_found["transformer"] != "WanTransformer3DModel":
-        raise ValueError(f"--model {root}: transformer/config.json names {transformers_found['transformer']!r}, "
+    transformer_class = _class_name(root / "transformer" / "config.json")
+    if transformer_class != "WanTransformer3DModel":
+        raise ValueError(f"--model {root}: transformer/config.json names {transformer_class!r}, "
                          "not 'WanTransformer3DModel'")
+    return root
+
+
+def load_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16):
+    """A local diffusers Wan text-to-video folder (`WanPipeline`, Wan 2.1 or 2.2); the VAE is loaded in fp32.
+
+    Raises `ValueError` naming what was found when `path` is not such a folder (`check_folder`).
+    """
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    root = check_folder(path)
     vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32)
     return WanPipeline.from_pretrained(root, vae=vae, torch_dtype=dtype)
 
 
-def call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments for `WanPipeline.__call__` from the CLI options."""
+def call_kwargs(args: argparse.Namespace | Any) -> dict[str, Any]:
+    """Keyword arguments for `WanPipeline.__call__` from the CLI options (`cli.RunConfig` or a namespace)."""
     return dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
