@@ -17,7 +17,8 @@ path everywhere else).
 
 Video Sparse Attention on tiled `[B, H, 64 N, D]` tensors (`vsa_attention_tiled`): `cuda` (the compiled sm_90a
 forward, opt-in with `DIFFUSERS_DIST_ATTN_VSA_CUDA=1`), `triton` (any CUDA GPU, fp16/bf16), `torch` (the
-reference; everywhere, and the only one that takes replicated text keys).
+reference; everywhere). Replicated text keys join the fine softmax on every row (`vsa_joint`: the kernel's
+sparse part and a dense text part merged through their log-sum-exps).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
+_EFFICIENT_BWD_ROWS = 32768
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,6 +180,19 @@ def _math_scores(q: torch.Tensor, k: torch.Tensor, scale: float, key_mask: torch
     return s if key_mask is None else s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
 
 
+def _efficient_lse_fits(q: torch.Tensor, key_mask: torch.Tensor | None, backend: str | None) -> bool:
+    """PyTorch's memory-efficient kernel takes a key mask (as an additive bias) and returns the LSE."""
+    return (q.is_cuda and key_mask is not None and q.dtype in _HALF and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+            and backend != "sdpa_math")
+
+
+def _mask_bias(key_mask: torch.Tensor, q: torch.Tensor, heads: int, keys: int) -> torch.Tensor:
+    """Additive bias `[B, H, S_q, keys]` (a stride-0 view) from a bool key mask padded with masked keys to `keys`."""
+    bias = torch.zeros(key_mask.shape[0], 1, 1, keys, dtype=q.dtype, device=q.device)
+    mask = F.pad(key_mask, (0, keys - key_mask.shape[1]), value=False)
+    return bias.masked_fill_(~mask[:, None, None, :], float("-inf")).expand(-1, heads, q.shape[1], -1)
+
+
 def attention_forward_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
     backend: str | None = None,
@@ -186,13 +201,23 @@ def attention_forward_with_lse(
 
     q `[B, S_q, H, D]`, k, v `[B, S_k, H, D]`, key_mask bool `[B, S_k]` (True = attend) ->
     `(out [B, S_q, H, D] fp32, lse [B, H, S_q] fp32, aux)` (fp64 for fp64 inputs); `aux` goes to `attention_backward_with_lse`.
-    Rows without a valid key get `out = 0`, `lse = -inf`.
+    Rows without a valid key get `out = 0`, `lse = -inf`. On CUDA (fp16/bf16) PyTorch's flash kernel runs without a
+    mask and its memory-efficient kernel with one; everything else runs the exact fp32 math path.
     """
     if _flash_lse_fits(q, key_mask, backend) and k.shape[1] > 0:
         res = torch.ops.aten._scaled_dot_product_flash_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, False, scale=scale
         )
-        return res[0].transpose(1, 2).float(), res[1].float(), tuple(res[2:8])
+        return res[0].transpose(1, 2).float(), res[1].float(), ("flash", *res[2:8])
+    if _efficient_lse_fits(q, key_mask, backend) and k.shape[1] > 0:
+        keys = -(-k.shape[1] // 16) * 16  # the kernel wants the bias's last dim 16-aligned: pad with masked keys
+        kp, vp = (F.pad(t, (0, 0, 0, 0, 0, keys - k.shape[1])) for t in (k, v))
+        bias = _mask_bias(key_mask, q, q.shape[2], keys)
+        out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), bias, True, 0.0, False, scale=scale
+        )
+        return out.transpose(1, 2).float(), lse[..., :q.shape[1]].float(), ("efficient", bias, seed, offset,
+                                                                           lse.shape[-1], keys)
     s = _math_scores(q, k, scale, key_mask)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - _finite(lse)[..., None])
@@ -210,13 +235,31 @@ def attention_backward_with_lse(
     block's `(dq, dk, dv)` (fp32) sum to the exact gradients (the ring-attention backward). `dlse` is an upstream
     gradient of the LSE (math path only).
     """
-    if aux is not None and dlse is None:
-        cum_q, cum_k, max_q, max_k, seed, offset = aux
+    if aux is not None and dlse is None and aux[0] == "flash":
+        cum_q, cum_k, max_q, max_k, seed, offset = aux[1:]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout.to(q.dtype).transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             out.to(q.dtype).transpose(1, 2), lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset, scale=scale,
         )
         return dq.transpose(1, 2).float(), dk.transpose(1, 2).float(), dv.transpose(1, 2).float()
+    if aux is not None and dlse is None and aux[0] == "efficient":
+        bias, seed, offset, _, keys = aux[1:]
+        kp, vp = (F.pad(t, (0, 0, 0, 0, 0, keys - k.shape[1])).transpose(1, 2) for t in (k, v))
+        dqs, dk, dv = [], 0.0, 0.0
+        # in query chunks: the memory-efficient backward faults on ~150k query rows at once (H200, torch 2.11)
+        for lo in range(0, q.shape[1], _EFFICIENT_BWD_ROWS):
+            hi = min(lo + _EFFICIENT_BWD_ROWS, q.shape[1])
+            lse_c = lse[..., lo:hi].float()
+            lse_c = F.pad(lse_c, (0, -(-(hi - lo) // 32) * 32 - (hi - lo)))
+            dq_c, dk_c, dv_c, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+                dout[:, lo:hi].to(q.dtype).transpose(1, 2), q[:, lo:hi].transpose(1, 2), kp, vp,
+                bias[:, :, lo:hi], out[:, lo:hi].to(q.dtype).transpose(1, 2), lse_c, seed, offset, 0.0,
+                [True, True, True, False], False, scale=scale,
+            )
+            dqs.append(dq_c.transpose(1, 2).float())
+            dk, dv = dk + dk_c.transpose(1, 2).float(), dv + dv_c.transpose(1, 2).float()
+        n = k.shape[1]
+        return torch.cat(dqs, 1), dk[:, :n], dv[:, :n]
     qf, kf, vf, do = _acc(q), _acc(k), _acc(v), _acc(dout)
     p = torch.exp(_math_scores(q, k, scale, key_mask) - _finite(lse)[..., None])
     dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
@@ -297,12 +340,20 @@ def _vsa_available(name: str) -> Callable[[], str | None]:
     return check
 
 
-def _tiled_kernel(name: str) -> Callable[[], Callable]:
+def _tiled_kernel(name: str, op: str) -> Callable[[], Callable]:
+    """The kernel of a compiled VSA row; with extra (text) keys it runs the joint softmax of `vsa_joint`."""
+
     def load() -> Callable:
+        from .vsa_joint import vsa_with_text  # it builds on the LSE functions above
+
         kernel = getattr(_vsa_module(name), f"vsa_tiled_{name}")
+        fwd_op = getattr(torch.ops.diffusers_dist_attn, op)
 
         def run(q, k, v, gate, block_sizes, topk, scale, *, extra_k=None, extra_v=None, extra_mask=None):
-            return kernel(q, k, v, gate, block_sizes, topk, scale)
+            if extra_k is None:
+                return kernel(q, k, v, gate, block_sizes, topk, scale)
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            return vsa_with_text(fwd_op, q, k, v, gate, block_sizes, topk, scale, extra_k, extra_v, extra_mask)
 
         return run
 
@@ -310,10 +361,11 @@ def _tiled_kernel(name: str) -> Callable[[], Callable]:
 
 
 for _row in (
-    Backend("cuda", "vsa", load=_tiled_kernel("cuda"), priority=0, devices=("cuda",), dtypes=(torch.bfloat16,),
-            head_dims=(64, 128), min_capability=(9, 0), max_capability=(9, 0), available=_vsa_available("cuda")),
-    Backend("triton", "vsa", load=_tiled_kernel("triton"), priority=1, devices=("cuda",), dtypes=_HALF,
-            available=_vsa_available("triton")),
+    Backend("cuda", "vsa", load=_tiled_kernel("cuda", "vsa_fwd_cuda"), priority=0, devices=("cuda",),
+            dtypes=(torch.bfloat16,), head_dims=(64, 128), min_capability=(9, 0), max_capability=(9, 0),
+            extra_keys=True, available=_vsa_available("cuda")),
+    Backend("triton", "vsa", load=_tiled_kernel("triton", "vsa_fwd"), priority=1, devices=("cuda",), dtypes=_HALF,
+            extra_keys=True, available=_vsa_available("triton")),
     Backend("torch", "vsa", vsa_tiled_reference, priority=2, extra_keys=True),
 ):
     register_backend(_row)

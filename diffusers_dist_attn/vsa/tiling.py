@@ -111,19 +111,63 @@ def tile_layout(grid: tuple[int, int, int], device: torch.device | str = "cpu") 
     return TileLayout(grid, _tiles(grid), num_blocks(grid), *_index_tensors(grid, torch.device(device)))
 
 
+def _tile(x: torch.Tensor, source_index: torch.Tensor, pad_slots: torch.Tensor) -> torch.Tensor:
+    # one gather pass straight into the [B, H, 64N, D] layout, then zero only the pad rows
+    out = x.transpose(1, 2).index_select(2, source_index)
+    return out.index_fill_(2, pad_slots, 0) if pad_slots.numel() else out
+
+
+def _untile(x: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
+    return x.transpose(1, 2).index_select(1, slot_index)
+
+
+class _Tile(torch.autograd.Function):
+    """`tile` whose backward is the inverse gather (`untile`), not `index_select`'s scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, source_index, pad_slots, slot_index):
+        ctx.save_for_backward(slot_index)
+        return _tile(x, source_index, pad_slots)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slot_index,) = ctx.saved_tensors
+        return _untile(grad, slot_index), None, None, None
+
+
+class _Untile(torch.autograd.Function):
+    """`untile` whose backward is the inverse gather (`tile`, zero in pad slots)."""
+
+    @staticmethod
+    def forward(ctx, x, source_index, pad_slots, slot_index):
+        ctx.save_for_backward(source_index, pad_slots)
+        return _untile(x, slot_index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        source_index, pad_slots = ctx.saved_tensors
+        return _tile(grad, source_index, pad_slots), None, None, None
+
+
 def tile(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-    """`[B, S, H, D]` raster order -> `[B, H, 64*N, D]` tiled, zero in pad slots (contiguous)."""
+    """`[B, S, H, D]` raster order -> `[B, H, 64*N, D]` tiled, zero in pad slots (contiguous).
+
+    The map is a bijection between tokens and real slots, so the backward is the inverse gather (`untile` of the
+    gradient): pad slots get no gradient, and no scatter-add runs.
+    """
     b, s, h, d = x.shape
     if s != layout.seq_len:
         raise ValueError(f"sequence length {s} does not match grid {layout.grid} ({layout.seq_len} tokens)")
-    # one gather pass straight into the [B, H, 64N, D] layout, then zero only the pad rows
-    out = x.transpose(1, 2).index_select(2, layout.source_index)
-    return out.index_fill_(2, layout.pad_slots, 0) if layout.pad_slots.numel() else out
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Tile.apply(x, layout.source_index, layout.pad_slots, layout.slot_index)
+    return _tile(x, layout.source_index, layout.pad_slots)
 
 
 def untile(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-    """`[B, H, 64*N, D]` tiled -> `[B, S, H, D]` raster order (pad slots dropped), contiguous."""
-    return x.transpose(1, 2).index_select(1, layout.slot_index)
+    """`[B, H, 64*N, D]` tiled -> `[B, S, H, D]` raster order (pad slots dropped), contiguous; backward: `tile`."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Untile.apply(x, layout.source_index, layout.pad_slots, layout.slot_index)
+    return _untile(x, layout.slot_index)
 
 
 def topk_for_sparsity(sparsity: float, num_blocks: int) -> int:

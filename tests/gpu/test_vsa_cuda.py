@@ -14,7 +14,8 @@ import pytest
 import torch
 from test_vsa_triton import TOL, _inputs, _rel, check_forward, check_gradients
 
-from diffusers_dist_attn.vsa import cuda_build, cuda_ops, dispatch, triton_ops
+from diffusers_dist_attn.attention.backends import available_implementations
+from diffusers_dist_attn.vsa import cuda_build, cuda_ops, triton_ops
 from diffusers_dist_attn.vsa.tiling import topk_for_sparsity
 
 
@@ -90,7 +91,7 @@ def test_fine_stage_matches_triton(ext, d, ragged, with_gate):
     out_c = torch.randn(b, h, n, d, device="cuda", generator=gen)
     scale = d**-0.5
     want_out, want_lse, want_os = kern.sparse_fwd(q, k, v, g, out_c, idx, num, bs, scale, True)
-    out, out_s, lse = kern._new(q.shape, q), kern._new(q.shape, q), kern._new(q.shape[:3], q, torch.float32)
+    out, out_s, lse = kern.new_output(q.shape, q), kern.new_output(q.shape, q), kern.new_output(q.shape[:3], q, torch.float32)
     ext.sparse_fwd(q, k, v, g, out_c, idx, num, bs, scale, out, out_s, lse)
     torch.cuda.synchronize()
     assert _rel(out_s, want_os) <= TOL
@@ -107,7 +108,7 @@ def test_fine_stage_without_out_s(ext):
     idx, num = _random_lists(b, h, n, 5, torch.Generator(device="cuda").manual_seed(1), ragged=False)
     out_c = torch.zeros(b, h, n, d, device="cuda")
     want_out, want_lse, _ = kern.sparse_fwd(q, k, v, g, out_c, idx, num, bs, 0.1, False)
-    out, lse = kern._new(q.shape, q), kern._new(q.shape[:3], q, torch.float32)
+    out, lse = kern.new_output(q.shape, q), kern.new_output(q.shape[:3], q, torch.float32)
     ext.sparse_fwd(q, k, v, g, out_c, idx, num, bs, 0.1, out, None, lse)
     assert _rel(out, want_out) <= TOL and (lse - want_lse).abs().max().item() <= LSE_ATOL
 
@@ -128,10 +129,9 @@ def test_gradients_match_reference(ext, case, sparsity, with_gate):
 
 
 def test_dispatch_opt_in(ext, monkeypatch):
-    dispatch._module.cache_clear()
-    assert dispatch.available_implementations("cuda")[0] == "cuda"
+    assert available_implementations("cuda")[0] == "cuda"
     monkeypatch.delenv(cuda_ops.ENABLE_ENV)
-    assert "cuda" not in dispatch.available_implementations("cuda")
+    assert "cuda" not in available_implementations("cuda")
 
 
 def test_unsupported_inputs_fall_back_to_triton(ext):

@@ -1,0 +1,89 @@
+"""VSA with replicated (text) keys on the kernel path: one softmax over the selected video blocks and the text keys.
+
+The fine stage of VSA with text is `softmax(q [K_sel ; K_text]^T) [V_sel ; V_text]`. It is computed as two exact
+partial softmaxes merged through their log-sum-exps, the way ring attention merges blocks:
+
+- the sparse video part by the VSA forward op (Triton or CUDA), which returns the fine output `out_s` and its
+  base-2 LSE;
+- the text part by a dense kernel that returns its LSE (`attention_forward_with_lse`: PyTorch's flash kernel
+  without a mask, its memory-efficient kernel with a key mask, exact math elsewhere);
+- `fine = out_s * exp(lse_s - lse) + out_t * exp(lse_t - lse)`, `lse = logaddexp(lse_s, lse_t)`, and the coarse
+  term `rep64(out_c) * gate` is added as in VSA without text.
+
+Backward: each part's gradients computed with the *merged* output and LSE are its slice of the joint softmax's
+gradients (FlashAttention's identity), so the VSA backward op gets `(fine, lse)` in place of its own `(out_s,
+lse_s)` and the text part runs the dense backward with the same pair; their `dq` add up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..vsa.op_contract import prepare_tiled
+from ..vsa.tiling import BLOCK
+from .backends import attention_backward_with_lse, attention_forward_with_lse
+
+__all__ = ["vsa_with_text"]
+
+_LN2 = math.log(2.0)
+
+
+class _VSAWithText(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, gate, block_sizes, topk, scale, text_k, text_v, text_mask, fwd_op, text_backend):
+        ctx.set_materialize_grads(False)
+        _, lse2, out_s, out_c, sel, idx, num, qc, kc, vc = fwd_op(q, k, v, gate, block_sizes, topk, scale, True)
+        # the text part on the tiled queries, as [B, S, H, D] views (no copies)
+        out_t, lse_t, aux = attention_forward_with_lse(q.transpose(1, 2), text_k.transpose(1, 2),
+                                                       text_v.transpose(1, 2), scale, text_mask, text_backend)
+        lse_s = lse2 * _LN2  # the kernels keep base-2 LSEs
+        lse = torch.logaddexp(lse_s, lse_t)
+        fine = (out_s.float() * torch.exp(lse_s - lse)[..., None]
+                + out_t.transpose(1, 2) * torch.exp(lse_t - lse)[..., None])
+        coarse = out_c.repeat_interleave(BLOCK, dim=2)
+        out = fine + (coarse if gate is None else coarse * gate.float())
+        fine = fine.to(q.dtype)
+        ctx.save_for_backward(q, k, v, gate, block_sizes, fine, lse, out_c, sel, idx, num, qc, kc, vc, text_k, text_v,
+                              text_mask)
+        ctx.scale, ctx.aux, ctx.text_backend = scale, aux, text_backend
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        if dout is None:
+            return (None,) * 12
+        q, k, v, gate, block_sizes, fine, lse, out_c, sel, idx, num, qc, kc, vc, text_k, text_v, text_mask = \
+            ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv, dgate = torch.ops.diffusers_dist_attn.vsa_bwd(
+            dout, q, k, v, gate, fine, (lse / _LN2).contiguous(), out_c, sel, idx, num, qc, kc, vc, block_sizes,
+            ctx.scale)
+        dq_t, dk_t, dv_t = attention_backward_with_lse(
+            dout.transpose(1, 2), q.transpose(1, 2), text_k.transpose(1, 2), text_v.transpose(1, 2),
+            fine.transpose(1, 2), lse, ctx.scale, text_mask, ctx.text_backend, ctx.aux)
+        dq = dq + dq_t.transpose(1, 2).to(dq.dtype)
+        return (dq, dk, dv, dgate if gate is not None else None, None, None, None,
+                dk_t.transpose(1, 2).to(text_k.dtype), dv_t.transpose(1, 2).to(text_v.dtype), None, None, None)
+
+
+def vsa_with_text(
+    fwd_op,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate: torch.Tensor | None,
+    block_sizes: torch.Tensor,
+    topk: int,
+    scale: float,
+    text_k: torch.Tensor,
+    text_v: torch.Tensor,
+    text_mask: torch.Tensor | None,
+    text_backend: str | None = None,
+) -> torch.Tensor:
+    """VSA on tiled `q, k, v, gate [B, H, 64 N, D]` whose fine softmax also covers `text_k, text_v [B, H, L, D]`
+    (`text_mask` bool `[B, L]`, True = attend). `fwd_op` is a VSA forward custom op with the shared contract
+    (`vsa.op_contract`). Returns `[B, H, 64 N, D]`; differentiable in q, k, v, gate, text_k, text_v."""
+    q, k, v, gate, sizes, topk, scale, _ = prepare_tiled(q, k, v, gate, block_sizes, topk, scale)
+    return _VSAWithText.apply(q, k, v, gate, sizes, topk, scale, text_k, text_v, text_mask, fwd_op, text_backend)
