@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
-_EFFICIENT_BWD_ROWS = 32768
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,7 +201,9 @@ def attention_forward_with_lse(
     q `[B, S_q, H, D]`, k, v `[B, S_k, H, D]`, key_mask bool `[B, S_k]` (True = attend) ->
     `(out [B, S_q, H, D] fp32, lse [B, H, S_q] fp32, aux)` (fp64 for fp64 inputs); `aux` goes to `attention_backward_with_lse`.
     Rows without a valid key get `out = 0`, `lse = -inf`. On CUDA (fp16/bf16) PyTorch's flash kernel runs without a
-    mask and its memory-efficient kernel with one; everything else runs the exact fp32 math path.
+    mask and its memory-efficient kernel with one; everything else runs the exact fp32 math path. The backward of
+    the masked case runs the math path: the memory-efficient backward, given a merged (not its own) output and LSE,
+    returned wrong dq on an H200 (torch 2.11; GPU test `test_vsa_text.py`).
     """
     if _flash_lse_fits(q, key_mask, backend) and k.shape[1] > 0:
         res = torch.ops.aten._scaled_dot_product_flash_attention(
@@ -216,8 +217,7 @@ def attention_forward_with_lse(
         out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
             q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), bias, True, 0.0, False, scale=scale
         )
-        return out.transpose(1, 2).float(), lse[..., :q.shape[1]].float(), ("efficient", bias, seed, offset,
-                                                                           lse.shape[-1], keys)
+        return out.transpose(1, 2).float(), lse[..., :q.shape[1]].float(), None
     s = _math_scores(q, k, scale, key_mask)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - _finite(lse)[..., None])
@@ -242,24 +242,6 @@ def attention_backward_with_lse(
             out.to(q.dtype).transpose(1, 2), lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset, scale=scale,
         )
         return dq.transpose(1, 2).float(), dk.transpose(1, 2).float(), dv.transpose(1, 2).float()
-    if aux is not None and dlse is None and aux[0] == "efficient":
-        bias, seed, offset, _, keys = aux[1:]
-        kp, vp = (F.pad(t, (0, 0, 0, 0, 0, keys - k.shape[1])).transpose(1, 2) for t in (k, v))
-        dqs, dk, dv = [], 0.0, 0.0
-        # in query chunks: the memory-efficient backward faults on ~150k query rows at once (H200, torch 2.11)
-        for lo in range(0, q.shape[1], _EFFICIENT_BWD_ROWS):
-            hi = min(lo + _EFFICIENT_BWD_ROWS, q.shape[1])
-            lse_c = lse[..., lo:hi].float()
-            lse_c = F.pad(lse_c, (0, -(-(hi - lo) // 32) * 32 - (hi - lo)))
-            dq_c, dk_c, dv_c, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-                dout[:, lo:hi].to(q.dtype).transpose(1, 2), q[:, lo:hi].transpose(1, 2), kp, vp,
-                bias[:, :, lo:hi], out[:, lo:hi].to(q.dtype).transpose(1, 2), lse_c, seed, offset, 0.0,
-                [True, True, True, False], False, scale=scale,
-            )
-            dqs.append(dq_c.transpose(1, 2).float())
-            dk, dv = dk + dk_c.transpose(1, 2).float(), dv + dv_c.transpose(1, 2).float()
-        n = k.shape[1]
-        return torch.cat(dqs, 1), dk[:, :n], dv[:, :n]
     qf, kf, vf, do = _acc(q), _acc(k), _acc(v), _acc(dout)
     p = torch.exp(_math_scores(q, k, scale, key_mask) - _finite(lse)[..., None])
     dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
