@@ -421,3 +421,31 @@ def test_generate_cli_two_processes(tmp_path, attention):
     assert report["pipeline"] == "hunyuan-video" and report["sp"] == 2 and report["world_size"] == 2
     assert report["video_shape"][0] == 9  # frames
     assert report["check"]["max_abs_diff"] <= TOL, report["check"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One processor class with an attention strategy (as Wan's), plans
+# ---------------------------------------------------------------------------------------------------------------
+def test_local_attention_equals_stock(reference):
+    """`attention="local"`: the joint attention on one process without communication, like Wan's `"local"`."""
+    model, inputs = make_model()
+    with parallelize(model, attention="local"):
+        processors = [p for k, p in model.attn_processors.items() if "token_refiner" not in k]
+        assert all(isinstance(p, HunyuanVideoDistributedAttnProcessor) and p.attention == "local" and p.sparse is None
+                   for p in processors)
+        assert _max_err(forward(model, inputs), reference["stock"]) <= TOL
+    with pytest.raises(ValueError, match="attention='local' runs without sequence parallelism"):
+        parallelize(model, attention="local", groups=SequenceParallelGroups(world_size=2, sp_size=2))
+    with pytest.raises(ValueError, match=r"attention must be one of \['local', 'dense', 'vsa'\]"):
+        HunyuanVideoDistributedAttnProcessor(4, 10, attention="sparse")
+
+
+def test_hunyuan_video_15_plan_is_the_10_plan_renamed():
+    import dataclasses
+
+    from diffusers_dist_attn.models.hunyuan_video import HUNYUAN_VIDEO_15_PLAN, HUNYUAN_VIDEO_PLAN
+    from diffusers_dist_attn.models.sharding import get_plan
+
+    assert HUNYUAN_VIDEO_15_PLAN == dataclasses.replace(HUNYUAN_VIDEO_PLAN, name="HunyuanVideo-1.5")
+    assert get_plan(make_model("hv15")[0]) is HUNYUAN_VIDEO_15_PLAN
+    assert get_plan(make_model()[0]) is HUNYUAN_VIDEO_PLAN

@@ -15,8 +15,6 @@ from diffusers_dist_attn.distributed import SequenceParallelGroups
 from diffusers_dist_attn.models import (
     DenseThenSparse,
     WanDistributedAttnProcessor,
-    WanLocalAttnProcessor,
-    WanVSAAttnProcessor,
     add_gate_compress,
     load_gate_compress,
     parallelize,
@@ -57,11 +55,13 @@ def test_set_processors_installs_one_per_module():
     procs = model.attn_processors
     assert len(procs) == 2 * model.config.num_layers
     for key, proc in procs.items():
-        expected = WanLocalAttnProcessor if ".attn2." in key else WanDistributedAttnProcessor
-        assert type(proc) is expected, key
+        assert type(proc) is WanDistributedAttnProcessor, key
+        assert proc.attention == ("local" if ".attn2." in key else "dense"), key
+        assert (proc.dense is None) == (".attn2." in key) and proc.sparse is None, key
     assert len({id(p) for p in procs.values()}) == len(procs)
     set_wan_attn_processors(model, "local")
-    assert all(type(p) is WanLocalAttnProcessor for p in model.attn_processors.values())
+    assert all(type(p) is WanDistributedAttnProcessor and p.attention == "local" and p.dense is None
+               for p in model.attn_processors.values())
     with pytest.raises(ValueError, match="unknown Wan attention 'flash'"):
         set_wan_attn_processors(model, "flash")
 
@@ -72,7 +72,8 @@ def test_remove_restores_stock_model():
     handle = parallelize(model, attention="vsa", sparsity=0.5)
     assert {k for k in model.state_dict() if "gate" in k} == {
         f"blocks.{i}.attn1.to_gate_compress.{p}" for i in range(2) for p in ("weight", "bias")}
-    assert all(isinstance(p, (WanVSAAttnProcessor, WanLocalAttnProcessor)) for p in model.attn_processors.values())
+    assert all(isinstance(p, WanDistributedAttnProcessor) and p.attention == ("local" if ".attn2." in k else "vsa")
+               for k, p in model.attn_processors.items())
     handle.remove()
     assert set(model.state_dict()) == keys
     assert all(type(p) is WanAttnProcessor for p in model.attn_processors.values())
@@ -272,3 +273,93 @@ def test_gate_loading_refuses_two_keys_for_one_gate_and_leaves_the_model_unchang
     with pytest.raises(FileNotFoundError, match=r"subfolders with checkpoints: \['transformer'\]"):
         load_gate_compress(model, tmp_path)  # a pipeline folder: name the transformer's subfolder
     assert load_gate_compress(model, tmp_path / "transformer").missing_blocks == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers' private projection helpers, and their fallback
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kind", ["self", "cross", "cross_i2v"])
+def test_projection_fallback_equals_diffusers(kind, fused):
+    """`wan_qkv_projections` / `wan_added_kv_projections` (used when diffusers drops its private helpers) compute
+    exactly what diffusers' `_get_qkv_projections` / `_get_added_kv_projections` compute, fused or not."""
+    from diffusers.models.transformers import transformer_wan
+    from diffusers.models.transformers.transformer_wan import WanAttention
+
+    from diffusers_dist_attn.models.wan import wan_added_kv_projections, wan_qkv_projections
+
+    torch.manual_seed(0)
+    attn = WanAttention(dim=48, heads=4, dim_head=12, cross_attention_dim_head=12 if kind != "self" else None,
+                        added_kv_proj_dim=20 if kind == "cross_i2v" else None).eval()
+    if fused:
+        attn.fuse_projections()
+        assert attn.fused_projections and hasattr(attn, "to_kv" if kind != "self" else "to_qkv")
+    hidden = torch.randn(2, 9, 48)
+    context = None if kind == "self" else torch.randn(2, 7, 48)
+    with torch.no_grad():
+        ours = wan_qkv_projections(attn, hidden, context)
+        theirs = transformer_wan._get_qkv_projections(attn, hidden, context)
+        lengths = (9, 9, 9) if context is None else (9, 7, 7)  # q from the video, k and v from the context
+        for a, b, length in zip(ours, theirs, lengths, strict=True):
+            assert a.shape == (2, length, 48) and torch.equal(a, b)
+        if kind == "cross_i2v":
+            image = torch.randn(2, 5, 20)
+            ours = wan_added_kv_projections(attn, image)
+            theirs = transformer_wan._get_added_kv_projections(attn, image)
+            for a, b in zip(ours, theirs, strict=True):
+                assert a.shape == (2, 5, 48) and torch.equal(a, b)
+
+
+def test_projection_helpers_fall_back_when_diffusers_lacks_them():
+    import types
+
+    from diffusers.models.transformers import transformer_wan
+
+    from diffusers_dist_attn.models import wan
+
+    assert wan.projection_helpers(types.ModuleType("transformer_wan_without_helpers")) == (
+        wan.wan_qkv_projections, wan.wan_added_kv_projections)
+    assert wan.projection_helpers() == (transformer_wan._get_qkv_projections,
+                                        transformer_wan._get_added_kv_projections)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One processor class, lazy adapters
+# ---------------------------------------------------------------------------------------------------------------
+def test_processor_attention_strategies():
+    model = _tiny()
+    attn = model.blocks[0].attn1
+    with pytest.raises(ValueError, match=r"attention must be one of \['local', 'dense', 'vsa'\]; got 'flash'"):
+        WanDistributedAttnProcessor(4, 12, attention="flash")
+    with pytest.raises(ValueError, match="attention='vsa' needs a ShardingState"):
+        WanDistributedAttnProcessor(4, 12, attention="vsa")
+    local = WanDistributedAttnProcessor(attn.heads, attn.inner_dim // attn.heads, attention="local")
+    assert local.dense is None and local.sparse is None and local.local is not None
+
+
+def test_import_models_does_not_import_every_diffusers_model():
+    """`import diffusers_dist_attn.models` loads no adapter (and so no diffusers model module); the adapters' names
+    are still importable from the package."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import diffusers_dist_attn.models as m\n"
+        "loaded = sorted(k for k in sys.modules if k.startswith('diffusers.models.transformers.') or "
+        "k in ('diffusers_dist_attn.models.wan', 'diffusers_dist_attn.models.hunyuan_video'))\n"
+        "assert not loaded, loaded\n"
+        "from diffusers_dist_attn.models import parallelize, set_wan_attn_processors, load_gate_compress, "
+        "WanDistributedAttnProcessor, HunyuanVideoDistributedAttnProcessor, GateLoadReport\n"
+        "assert 'diffusers_dist_attn.models.wan' in sys.modules\n"
+        "assert set_wan_attn_processors.__module__ == 'diffusers_dist_attn.models.wan'\n"
+        "assert {'set_wan_attn_processors', 'load_gate_compress'} <= set(dir(m))\n"
+        "try:\n"
+        "    m.no_such_name\n"
+        "except AttributeError as exc:\n"
+        "    assert 'no_such_name' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]

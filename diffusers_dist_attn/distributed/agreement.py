@@ -10,7 +10,9 @@ an all-to-all.
 
 `peer_failures(group)` turns a failed or timed-out collective (a peer raised, exited or stalled) into a
 `PeerFailureError` that says so; groups created by `init_sequence_parallel` carry a timeout
-(`DIFFUSERS_DIST_ATTN_TIMEOUT`, default 600 s), so a stalled peer ends in bounded time.
+(`init_sequence_parallel(timeout=...)`, else `DIFFUSERS_DIST_ATTN_TIMEOUT`, default 600 s), so a stalled peer ends
+in bounded time. Errors that are not a collective's (out of memory, a kernel error on this rank) pass unchanged:
+they are this rank's own failure, not a peer's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .. import envs
+from .groups import group_timeout_s
 
 __all__ = [
     "PeerFailureError",
@@ -60,22 +63,46 @@ def _device(group: dist.ProcessGroup) -> torch.device:
     return torch.device("cpu")
 
 
-def _timeout_hint() -> str:
+# torch >= 2.13 renamed `all_gather_into_tensor` (now deprecated, with a warning) to `all_gather_single`.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _timeout_hint(group: dist.ProcessGroup | None) -> str:
     return (f"a peer rank of the sequence-parallel group failed, exited or stalled (collectives wait at most "
-            f"{envs.get(envs.TIMEOUT)} s, env {envs.TIMEOUT.name}); the first error is in that rank's log")
+            f"{group_timeout_s(group):g} s: init_sequence_parallel(timeout=...) or env {envs.TIMEOUT.name}); "
+            "the first error is in that rank's log")
+
+
+# What gloo / NCCL / the c10d store put in the message of a failed collective (timeouts, closed connections).
+_COLLECTIVE_MARKERS = ("gloo", "nccl", "c10d", "connection", "timed out", "timeout", "socket", "broken pipe",
+                       "process group", "processgroup", "watchdog")
+
+
+def _is_collective_failure(exc: RuntimeError) -> bool:
+    """Whether `exc` came from a collective (a peer's fault) rather than from this rank's own work."""
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())):  # a local failure, whatever its message says
+        return False
+    if isinstance(exc, getattr(dist, "DistError", ())):  # DistBackendError, DistNetworkError, DistStoreError
+        return True
+    text = str(exc).lower()
+    return any(marker in text for marker in _COLLECTIVE_MARKERS)
 
 
 @contextlib.contextmanager
 def peer_failures(group: dist.ProcessGroup | None, where: str) -> Iterator[None]:
-    """Re-raise a collective's failure inside the block as `PeerFailureError` naming `where`."""
+    """Re-raise a collective's failure inside the block as `PeerFailureError` naming `where`.
+
+    Other errors (bad input, out of memory, a failing kernel on this rank) pass unchanged: calling them a peer's
+    failure would send the reader to the wrong rank's log.
+    """
     try:
         yield
     except (ValueError, TypeError, PeerFailureError):
         raise
     except RuntimeError as exc:  # gloo / NCCL errors, incl. timeouts and connection resets
-        if group is None or not dist.is_initialized():
+        if group is None or not dist.is_initialized() or not _is_collective_failure(exc):
             raise
-        raise PeerFailureError(f"{where}: {_timeout_hint()} ({type(exc).__name__}: {exc})") from exc
+        raise PeerFailureError(f"{where}: {_timeout_hint(group)} ({type(exc).__name__}: {exc})") from exc
 
 
 def agree(group: dist.ProcessGroup | None, fields: Mapping[str, Any], *, where: str,
@@ -96,7 +123,7 @@ def agree(group: dist.ProcessGroup | None, fields: Mapping[str, Any], *, where: 
     mine = torch.tensor([int(error is not None), fingerprint(fields)], dtype=torch.int64, device=_device(group))
     gathered = torch.empty(world * 2, dtype=torch.int64, device=mine.device)
     with peer_failures(group, where):
-        dist.all_gather_into_tensor(gathered, mine, group=group)
+        _all_gather_single(gathered, mine, group=group)
         rows = gathered.view(world, 2).tolist()
         if not any(flag for flag, _ in rows) and len({h for _, h in rows}) == 1:
             return

@@ -16,6 +16,7 @@ CPU reports a single process). Without a launcher everything works with world si
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ __all__ = [
     "valid_degrees",
     "current_groups",
     "DEFAULT_TIMEOUT_S",
+    "collective_timeout_s",
+    "group_timeout_s",
 ]
 
 
@@ -100,6 +103,7 @@ class SequenceParallelGroups:
 
 _CURRENT: SequenceParallelGroups | None = None
 DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for a stalled peer (gloo and NCCL default to 30 min)
+_TIMEOUT_S: float | None = None  # the timeout the current groups were created with (for error messages)
 
 
 def _launched_world_size() -> int:
@@ -129,12 +133,35 @@ def _ensure_process_group(cpu: bool | None, timeout: timedelta) -> None:
         dist.init_process_group(backend="gloo" if use_cpu else "nccl", timeout=timeout)
 
 
+def _mesh_options(backend: str, timeout: timedelta):
+    """Backend options carrying `timeout` for the mesh's sub-groups, or None where this torch cannot express them."""
+    if "backend_override" not in inspect.signature(init_device_mesh).parameters:
+        return None  # torch without per-dimension backend options
+    if "nccl" in backend.lower():
+        cls = getattr(dist, "ProcessGroupNCCL", None)
+        factory = None if cls is None else getattr(cls, "Options", None)
+    else:
+        cls = getattr(dist, "ProcessGroupGloo", None)
+        factory = None if cls is None else getattr(cls, "_Options", None) or getattr(cls, "Options", None)
+    if factory is None:
+        return None
+    try:
+        options = factory()
+        options._timeout = timeout
+    except (AttributeError, TypeError, RuntimeError):  # an options class of another shape: use torch's default
+        return None
+    return options
+
+
 def _mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...], timeout: timedelta) -> DeviceMesh:
-    """A device mesh whose sub-groups carry `timeout` (they would otherwise get the 30-minute default)."""
-    backend = str(dist.get_backend()).lower()
-    options = (dist.ProcessGroupNCCL.Options() if "nccl" in backend and hasattr(dist, "ProcessGroupNCCL")
-               else dist.ProcessGroupGloo._Options())
-    options._timeout = timeout
+    """A device mesh whose sub-groups carry `timeout` (they would otherwise get torch's 10/30-minute default)."""
+    options = _mesh_options(str(dist.get_backend()), timeout)
+    if options is None:
+        # Full-world dimensions still reuse the default group, which has the timeout; smaller ones get torch's
+        # default. Say so rather than fail: the groups work, only a stalled peer is detected later.
+        logger.warning("this torch cannot pass a timeout to device-mesh sub-groups (no init_device_mesh("
+                       "backend_override=...) or backend options); they use torch's default collective timeout")
+        return init_device_mesh(device_type, shape, mesh_dim_names=names)
     override = {name: options for name in names}
     return init_device_mesh(device_type, shape, mesh_dim_names=names, backend_override=override)
 
@@ -178,8 +205,10 @@ def init_sequence_parallel(
     Raises `ValueError` (on every rank, before any collective) when `sp` does not divide the world size or the
     degrees do not multiply to `sp`. `plan_degrees(...)` (`distributed.planner`) proposes degrees.
     """
+    global _TIMEOUT_S
     wait = _timeout(timeout)
     _ensure_process_group(cpu, wait)
+    _TIMEOUT_S = wait.total_seconds()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     sp, ulysses, ring = _resolve_degrees(sp, ring, ulysses, world)
@@ -231,7 +260,13 @@ def _hybrid_groups(
 ) -> SequenceParallelGroups:
     """Groups on a `("dp", "ring", "ulysses")` mesh; the SP group is the flattened `("ring", "ulysses")` block."""
     mesh = _mesh(device_type, (world // sp, ring, ulysses), ("dp", "ring", "ulysses"), timeout)
-    sp_mesh = mesh["ring", "ulysses"]._flatten("sp")
+    block = mesh["ring", "ulysses"]
+    # the flattened SP group is a new group too: without options it would get torch's default timeout
+    options = _mesh_options(str(dist.get_backend()), timeout)
+    if options is not None and "backend_override" in inspect.signature(block._flatten).parameters:
+        sp_mesh = block._flatten("sp", backend_override=options)
+    else:
+        sp_mesh = block._flatten("sp")
     return SequenceParallelGroups(
         world_size=world,
         rank=rank,
@@ -272,8 +307,33 @@ def set_sequence_parallel_groups(groups: SequenceParallelGroups | None) -> None:
     _CURRENT = groups
 
 
+def collective_timeout_s() -> float:
+    """Seconds a collective of the current groups waits for a peer: what `init_sequence_parallel` used, else the
+    env `DIFFUSERS_DIST_ATTN_TIMEOUT` (600 by default; for a process group created elsewhere this is a guess)."""
+    if _TIMEOUT_S is not None:
+        return _TIMEOUT_S
+    try:
+        return envs.get_float(envs.TIMEOUT)
+    except ValueError:
+        return DEFAULT_TIMEOUT_S
+
+
+def group_timeout_s(group: dist.ProcessGroup | None) -> float:
+    """Seconds a collective on `group` waits for a peer (read from its backend; `collective_timeout_s()` when
+    this torch does not expose it)."""
+    if group is not None:
+        try:
+            device = torch.device("cuda" if "nccl" in str(dist.get_backend(group)).lower() else "cpu")
+            return group._get_backend(device).options._timeout.total_seconds()
+        except (AttributeError, RuntimeError, ValueError):  # private API: absent or shaped otherwise
+            pass
+    return collective_timeout_s()
+
+
 def destroy_sequence_parallel() -> None:
     """Forget the current groups and destroy the default process group if one exists."""
+    global _TIMEOUT_S
+    _TIMEOUT_S = None
     set_sequence_parallel_groups(None)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

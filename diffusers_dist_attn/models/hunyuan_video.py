@@ -29,10 +29,10 @@ sparsity 0 with a zero gate this is exactly dense joint attention.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,8 +40,8 @@ from torch import nn
 
 from ..attention.layers import DistributedAttention, DistributedAttention_VSA
 from ..attention.rotary import RotaryTables
-from ..distributed.groups import get_sequence_parallel_groups
-from .gates import GateLoadReport, load_matching_gates
+from .gates import GateLayout, GateLoadReport
+from .processors import SequenceParallelAttnProcessor, install_processors
 from .sharding import ShardingPlan, ShardingState, ShardInput, register_plan
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "add_gate_compress",
     "remove_gate_compress",
     "load_gate_compress",
+    "HUNYUAN_VIDEO_GATES",
 ]
 
 
@@ -82,7 +83,7 @@ def text_key_mask(
     )
 
 
-class HunyuanVideoDistributedAttnProcessor:
+class HunyuanVideoDistributedAttnProcessor(SequenceParallelAttnProcessor):
     """Drop-in for `HunyuanVideoAttnProcessor2_0` / `HunyuanVideo15AttnProcessor2_0` (dual- and single-stream).
 
     `__call__(attn, hidden_states [B, S_loc, C], encoder_hidden_states [B, L, C], attention_mask, image_rotary_emb
@@ -91,9 +92,11 @@ class HunyuanVideoDistributedAttnProcessor:
     single-stream blocks (`pre_only`) project `[latent ; text]` with shared weights and return both parts
     unprojected, as the stock processor does.
 
-    Per-forward values come from `state` (a `ShardingState`: unpadded video length, grid, this step's sparsity,
-    where `None` = dense at this step); without a state it is a single-process dense drop-in. `attention="vsa"` reads
-    the gate `attn.to_gate_compress` (see `add_gate_compress`). `backend`: dense attention backend override.
+    `attention` (see `models/processors.py`): `"local"` joint attention over the full sequence on this process,
+    `"dense"` Ulysses, `"vsa"` Video Sparse Attention with the gate `attn.to_gate_compress` (see
+    `add_gate_compress`). Per-forward values come from `state` (a `ShardingState`: unpadded video length, grid,
+    this step's sparsity, where `None` = dense at this step); without a state it is a single-process dense drop-in.
+    `backend`: dense attention backend override.
 
     Padded text tokens are inert: their keys never get weight and their attention outputs are zero (as
     HunyuanVideo-1.5's query-and-key mask makes them; HunyuanVideo computes values for them that nothing reads).
@@ -103,33 +106,11 @@ class HunyuanVideoDistributedAttnProcessor:
     under `torch.compile`, which takes the masked path).
     """
 
-    # diffusers' context-parallel machinery looks for these; this processor does its own parallelism.
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        *,
-        state: ShardingState | None = None,
-        attention: str = "dense",
-        name: str = "attn",
-        vsa_implementation: str | None = None,
-        backend: str | None = None,
-    ) -> None:
-        if attention not in ("dense", "vsa"):
-            raise ValueError(f"attention must be 'dense' or 'vsa'; got {attention!r}")
-        if state is None and (attention == "vsa" or get_sequence_parallel_groups().sp_size > 1):
-            raise ValueError(f"{name}: without a ShardingState the processor runs dense on one process; use "
-                             "diffusers_dist_attn.models.parallelize(...) for sequence parallelism or VSA")
-        group = state.layer_group if state is not None else None
-        layer_args = {"process_group": group, "default_backend": backend, "prefix": name}
+    def build_layers(self, num_heads: int, head_dim: int) -> None:
+        layer_args = {**self.layer_args(), "prefix": self.name}  # "local": the joint layer without communication
         self.dense = DistributedAttention(num_heads, head_dim, **layer_args)
-        self.sparse = DistributedAttention_VSA(num_heads, head_dim, **layer_args) if attention == "vsa" else None
-        self.state = state
-        self.name = name
-        self.vsa_implementation = vsa_implementation
+        if self.attention == "vsa":
+            self.sparse = DistributedAttention_VSA(num_heads, head_dim, **layer_args)
         self._cache: dict[str, Any] = {}  # without a state: one-entry cache of the text prefix length
 
     @staticmethod
@@ -169,10 +150,10 @@ class HunyuanVideoDistributedAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: RotaryTables | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_call()
         if encoder_hidden_states is None:
             raise ValueError(f"{self.name}: HunyuanVideo joint attention needs encoder_hidden_states (text tokens)")
-        state = self.state
-        seq_len = state.original_seq_len if state is not None else None
+        seq_len = self.seq_len
         batch, video_len, _ = hidden_states.shape  # video: [B, S_loc, C]
         text_len = encoder_hidden_states.shape[1]  # text:  [B, L, C]
         text_mask = text_key_mask(attention_mask, batch, text_len, (video_len, seq_len or video_len), self.name)
@@ -195,14 +176,10 @@ class HunyuanVideoDistributedAttnProcessor:
         if valid is not None:
             tq, tk, tv, text_mask = tq[:, :valid], tk[:, :valid], tv[:, :valid], None
         common = {"original_seq_len": seq_len, "freqs_cis": image_rotary_emb, "replicated_mask": text_mask}
-        sparsity = state.sparsity if state is not None else None
-        if self.sparse is not None and sparsity is not None:
-            gate_proj = getattr(attn, GATE_NAME, None)
-            if gate_proj is None:
-                raise ValueError(f"{self.name}: VSA needs attn.{GATE_NAME}; call add_gate_compress(model) "
-                                 "(parallelize does)")
-            gate = gate_proj(hidden_states).unflatten(2, (attn.heads, -1))  # [B, S_loc, H, D]
-            out, text_out = self.sparse(q, k, v, tq, tk, tv, gate, grid_size=state.grid, sparsity=sparsity,
+        sparsity = self.sparsity
+        if sparsity is not None:
+            gate = self.gate(attn, hidden_states)  # [B, S_loc, H, D]
+            out, text_out = self.sparse(q, k, v, tq, tk, tv, gate, grid_size=self.state.grid, sparsity=sparsity,
                                         implementation=self.vsa_implementation, **common)
         else:
             out, text_out = self.dense(q, k, v, tq, tk, tv, **common)
@@ -224,7 +201,6 @@ class HunyuanVideoDistributedAttnProcessor:
 # ---------------------------------------------------------------------------------------------------------------
 # Model checks
 # ---------------------------------------------------------------------------------------------------------------
-GATE_NAME = "to_gate_compress"
 _PROCESSOR_PARAMS = ("attn", "hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb")
 _BLOCK_LISTS = (("transformer_blocks", True), ("single_transformer_blocks", False))
 
@@ -270,59 +246,23 @@ def joint_attention_modules(transformer: nn.Module) -> dict[str, tuple[nn.Module
     return found
 
 
-def add_gate_compress(model: nn.Module) -> list[str]:
-    """Give every joint attention without one a VSA gate `to_gate_compress = Linear(dim, dim, bias=True)`,
-    zero-initialised, stored as `{transformer_blocks,single_transformer_blocks}.N.attn.to_gate_compress.*`.
-    Returns the attention module names that got one (for `remove_gate_compress`)."""
-    added = []
-    for name, (attn, _dual) in joint_attention_modules(model).items():
-        if getattr(attn, GATE_NAME, None) is not None:
-            continue
-        weight = attn.to_q.weight
-        gate = nn.Linear(attn.to_q.in_features, attn.inner_dim, bias=True, device=weight.device, dtype=weight.dtype)
-        nn.init.zeros_(gate.weight)
-        nn.init.zeros_(gate.bias)
-        setattr(attn, GATE_NAME, gate)
-        added.append(name)
-    return added
-
-
-def remove_gate_compress(model: nn.Module, names: list[str] | None = None) -> None:
-    """Delete `to_gate_compress` from the named attention modules (default: all that have one)."""
-    for name in names if names is not None else list(joint_attention_modules(model)):
-        attn = model.get_submodule(name)
-        if hasattr(attn, GATE_NAME):
-            delattr(attn, GATE_NAME)
-
-
-_GATE_KEY = re.compile(
-    r"^(?:.*\.)?(transformer_blocks|single_transformer_blocks)\.(\d+)\.(?:attn\.)?to_gate_compress\.(weight|bias)$"
+HUNYUAN_VIDEO_GATES = GateLayout(
+    attentions=lambda model: {name: attn for name, (attn, _dual) in joint_attention_modules(model).items()},
+    key=re.compile(r"^(?:.*\.)?(?P<blocks>transformer_blocks|single_transformer_blocks)\.(?P<index>\d+)\."
+                   r"(?:attn\.)?to_gate_compress\.(?P<param>weight|bias)$"),
+    module_of=lambda match: f"{match['blocks']}.{int(match['index'])}.attn",
 )
+"""HunyuanVideo's gates: `{transformer_blocks,single_transformer_blocks}.N.attn.to_gate_compress` (keys
+`[prefix.]{transformer_blocks,single_transformer_blocks}.N[.attn].to_gate_compress.*`); `missing_blocks` holds
+attention module names."""
 
-
-def load_gate_compress(model: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> GateLoadReport:
-    """Load VSA gates into a HunyuanVideo transformer (missing gates are added zero-initialised first).
-
-    `source`: a state dict, a safetensors / `.pt` file or a folder of them. Accepted keys:
-    `[prefix.]{transformer_blocks,single_transformer_blocks}.N[.attn].to_gate_compress.{weight,bias}`. Every key is
-    checked before anything is copied. `missing_blocks` of the report lists the attention modules (by name) that
-    got no gate from the checkpoint.
-    """
-    modules = joint_attention_modules(model)
-
-    def resolve(match):
-        blocks, index, kind = match.groups()
-        name = f"{blocks}.{index}.attn"
-        if name not in modules:
-            raise ValueError(f"gate key {match.string!r} refers to {name}, which the model does not have")
-        return name, getattr(modules[name][0], GATE_NAME).get_parameter(kind), f"{name}.{GATE_NAME}.{kind}"
-
-    added = add_gate_compress(model)
-    try:
-        return load_matching_gates(source, _GATE_KEY, resolve, list(modules))
-    except BaseException:
-        remove_gate_compress(model, added)  # leave the model as it was
-        raise
+add_gate_compress = HUNYUAN_VIDEO_GATES.add
+"""`add_gate_compress(model) -> [module name]`: a zero-initialised gate for every joint attention without one."""
+remove_gate_compress = HUNYUAN_VIDEO_GATES.remove
+"""`remove_gate_compress(model, names=None)`: delete the gates (default: every joint attention's)."""
+load_gate_compress: Callable[[nn.Module, Any], GateLoadReport] = HUNYUAN_VIDEO_GATES.load
+"""`load_gate_compress(model, source) -> GateLoadReport`: gates from a state dict, a safetensors / `.pt` file or a
+folder, all or nothing (see `GateLayout.load`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,14 +298,13 @@ def _install(
     model: nn.Module, state: ShardingState, *, vsa_implementation: str | None = None, backend: str | None = None,
 ) -> Callable[[], None]:
     """Install the processors (and VSA gates), input checks and the I2V token-replace translation; returns undo."""
-    modules = joint_attention_modules(model)
+    modules = {name: attn for name, (attn, _dual) in joint_attention_modules(model).items()}
     cfg = model.config
     added_gates = add_gate_compress(model) if state.attention == "vsa" else []
-    for name, (attn, _dual) in modules.items():
-        attn.set_processor(HunyuanVideoDistributedAttnProcessor(
-            cfg.num_attention_heads, cfg.attention_head_dim, state=state, attention=state.attention, name=name,
-            vsa_implementation=vsa_implementation, backend=backend,
-        ))
+    install_processors(modules, {name: HunyuanVideoDistributedAttnProcessor(
+        cfg.num_attention_heads, cfg.attention_head_dim, state=state, attention=state.attention, name=name,
+        vsa_implementation=vsa_implementation, backend=backend,
+    ) for name in modules})
     hooks = [model.register_forward_pre_hook(_check_text_masks, with_kwargs=True)]
     if getattr(cfg, "image_condition_type", None) == "token_replace":
         for list_name, _dual in _BLOCK_LISTS:
@@ -406,16 +345,9 @@ HUNYUAN_VIDEO_PLAN = ShardingPlan(
     grid=_grid,
     num_heads=lambda model: model.config.num_attention_heads,
     install=_install,
+    attentions=("dense", "vsa", "local"),
     load_gates=load_gate_compress,
 )
-HUNYUAN_VIDEO_15_PLAN = ShardingPlan(
-    name="HunyuanVideo-1.5",
-    shard_inputs=HUNYUAN_VIDEO_PLAN.shard_inputs,
-    gather_output="proj_out",
-    grid=_grid,
-    num_heads=lambda model: model.config.num_attention_heads,
-    install=_install,
-    load_gates=load_gate_compress,
-)
+HUNYUAN_VIDEO_15_PLAN = dataclasses.replace(HUNYUAN_VIDEO_PLAN, name="HunyuanVideo-1.5")  # same cut points
 register_plan("HunyuanVideoTransformer3DModel", HUNYUAN_VIDEO_PLAN)
 register_plan("HunyuanVideo15Transformer3DModel", HUNYUAN_VIDEO_15_PLAN)

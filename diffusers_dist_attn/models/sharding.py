@@ -5,7 +5,8 @@ A model adapter says *where* to cut with a `ShardingPlan` and registers it for i
 
 | hook | on | does |
 |---|---|---|
-| forward pre-hook | the transformer (root) | fills the per-forward `ShardingState` (unpadded sequence length, post-patch grid `(T, H, W)`, denoising step, sparsity) and shards root inputs listed under `""` in `plan.shard_inputs` (e.g. Wan 2.2 TI2V per-token timesteps `[B, S]`) |
+| forward pre-hook | the transformer (root) | fills the per-forward `ShardingState` (unpadded sequence length, post-patch grid `(T, H, W)`, denoising step, sparsity), checks that the SP ranks agree on the inputs (see "Failure behaviour"), pre-builds the VSA tile layout, and shards root inputs listed under `""` in `plan.shard_inputs` (e.g. Wan 2.2 TI2V per-token timesteps `[B, S]`) |
+| forward hook (`always_call`) | the transformer (root) | ends the checked region the pre-hook entered, also when the forward raised |
 | forward pre-hook | each module listed in `plan.shard_inputs` | zero-pads the token sequence to a multiple of P and keeps this rank's chunk (`distributed.shard_sequence`) |
 | forward hook | `plan.gather_output` | all-gathers the sequence and drops the padding (`distributed.gather_sequence`) |
 | `plan.install` | attention modules | installs the model's processors, which read the `ShardingState` (diffusers' `attention_kwargs` never reach processors) |
@@ -21,6 +22,27 @@ hooks run before accelerate's wrapped `forward`, so both orders work, but the do
 offload; `handle.remove()` leaves the offload hooks in place. Caches that decide from tensor *values* whether to
 skip blocks (diffusers' first-block cache, MagCache, SeaCache) would decide per shard, so ranks could skip
 different blocks and deadlock in an all-to-all: with P > 1 the first forward raises instead.
+
+Failure behaviour (P > 1): inputs of a parallelized transformer must be identical on every SP rank (each rank
+keeps its own shard of the *same* sequence); a rank with other latents, timestep, text embeddings or frame count
+would silently produce a wrong video, or hang in an all-to-all when shapes differ. So once per transformer
+forward the root pre-hook fingerprints every tensor argument (`tensor_checksum`: sum, sum of squares, weighted
+sum; shape and dtype) together with the grid, unpadded length, step, sparsity and attention kind, and calls
+`agree(sp_group, ...)`: one all-gather of two int64 per rank; on a mismatch every rank raises the same
+`ValueError` naming the argument and each rank's value, plus the fix (same generator seed / same inputs on
+every rank). A local validation error in the pre-hook (the plan does not fit the input, a value-dependent cache)
+is funnelled through the same `agree(..., error=...)`, so every rank raises it instead of one rank raising and
+its peers waiting. We *check and raise* rather than broadcast rank 0's inputs: a broadcast would hide the
+caller's bug (different seeds mean the ranks also disagree on everything outside the transformer, e.g. the
+scheduler's noise and the decoded video each rank saves) and would move the whole latent and text tensors every
+forward, while the checksum moves 16 bytes per rank. The forward is then marked as a checked region
+(`enter_checked_region` / `exit_checked_region`, the latter in an `always_call` forward hook, so it also runs
+when the forward raises), so the attention layers inside skip their own per-call check. The hooks run on the
+root module, outside blocks compiled with `compile_repeated_blocks`; under a whole-model `torch.compile` the
+check is skipped (`agreement_enabled()` is False while tracing). `DIFFUSERS_DIST_ATTN_CHECK_RANKS=0` disables it.
+
+`parallelize` refuses a model on which diffusers' own parallelism (`enable_parallelism`, `from_pretrained(...,
+parallel_config=...)`) is enabled: both would shard the same sequence.
 
 Writing a plan for a new model (see `models/wan.py`)::
 
@@ -52,6 +74,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ..attention.validation import check_head_split, check_sparsity
+from ..distributed.agreement import (
+    agree,
+    agreement_enabled,
+    enter_checked_region,
+    exit_checked_region,
+    tensor_checksum,
+)
 from ..distributed.collectives import gather_sequence, padded_length, shard_sequence
 from ..distributed.groups import (
     SINGLE_PROCESS,
@@ -60,6 +89,7 @@ from ..distributed.groups import (
     init_sequence_parallel,
 )
 from ..distributed.planner import plan_degrees
+from ..vsa.tiling import tile_layout
 
 logger = logging.getLogger(__name__)
 
@@ -216,10 +246,11 @@ class ShardingState:
         return self.groups.sp_group
 
     @property
-    def layer_group(self) -> dist.ProcessGroup | object:
-        """What the attention layers take as `process_group`: the SP group, or `SINGLE_PROCESS` at P = 1 (so a
-        single-process state never falls back to the current, possibly larger, groups)."""
-        return self.groups.sp_group if self.groups.sp_size > 1 else SINGLE_PROCESS
+    def layer_group(self) -> SequenceParallelGroups | object:
+        """What the attention layers take as `process_group`: the `SequenceParallelGroups` (the layers read the
+        Ulysses x ring split from it), or `SINGLE_PROCESS` at P = 1 (so a single-process state never falls back to
+        the current, possibly larger, groups). The sharding collectives use `sp_group`."""
+        return self.groups if self.groups.sp_size > 1 else SINGLE_PROCESS
 
     @property
     def sp_size(self) -> int:
@@ -323,7 +354,50 @@ def _check_no_value_dependent_cache(plan: ShardingPlan, state: ShardingState, mo
                              "deadlock; disable it or use a step-based cache (FasterCache, pyramid attention broadcast)")
 
 
-def _root_pre_hook(plan: ShardingPlan, state: ShardingState, positions: dict[str, int], module, args, kwargs):
+_SAME_INPUTS_HINT = (
+    "Under parallelize every SP rank computes its shard of one shared forward: pass the same generator seed / "
+    "the same inputs on every rank (latents, timestep, prompt or prompt embeds, num_frames, height, width)"
+)
+
+
+class _Region:
+    """How many checked regions this root's pre-hook entered and its forward hook has not exited yet.
+
+    The `always_call` forward hook also runs when a pre-hook registered before ours raised (then ours never
+    entered), so it exits only what was entered: the global region count never goes out of balance.
+    """
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+
+def _agreement_fields(state: ShardingState, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What must be equal on every SP rank: a checksum, shape and dtype of every tensor argument, plain scalar
+    arguments, and the per-forward state derived from them."""
+    fields: dict[str, Any] = {"grid": state.grid, "original_seq_len": state.original_seq_len, "step": state.step,
+                              "sparsity": state.sparsity, "attention": state.attention}
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            fields[f"{name}.shape"] = (tuple(value.shape), str(value.dtype).removeprefix("torch."))
+            fields[name] = tensor_checksum(value)
+        elif value is None or isinstance(value, bool | int | float | str):
+            fields[name] = value
+    return fields
+
+
+def _prebuild_tile_layout(state: ShardingState, inputs: Mapping[str, Any]) -> None:
+    """Build (and cache) the VSA tile layout of this forward's grid before the blocks run: a block compiled with
+    `compile_repeated_blocks(fullgraph=True)` can read the cache but cannot build index tensors into it."""
+    hidden = inputs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        hidden = next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
+    if hidden is not None and state.grid is not None:
+        tile_layout(state.grid, hidden.device)
+
+
+def _prepare(plan: ShardingPlan, state: ShardingState, positions: dict[str, int], module: nn.Module, args: tuple,
+             kwargs: dict, check: bool) -> tuple[Any, dict[str, Any]]:
+    """Fill `state` for this forward and shard root inputs; returns `(hook result, agreement fields)`."""
     _check_no_value_dependent_cache(plan, state, module)
     inputs = {**{n: args[i] for n, i in positions.items() if i < len(args)}, **kwargs}
     grid = tuple(int(g) for g in plan.grid(module, inputs))
@@ -332,10 +406,45 @@ def _root_pre_hook(plan: ShardingPlan, state: ShardingState, positions: dict[str
     if state.step_source is not None and callable(state.schedule):
         state.step = state.step_source(inputs.get("timestep"))
     state.sparsity = resolve_sparsity(state.schedule, state.step)
+    fields = _agreement_fields(state, inputs) if check else {}
+    if state.attention == "vsa":
+        _prebuild_tile_layout(state, inputs)
     specs = plan.shard_inputs.get("")
-    if specs:
-        return _shard_args(positions, args, kwargs, specs, state, plan.name)
-    return None
+    result = _shard_args(positions, args, kwargs, specs, state, plan.name) if specs else None
+    return result, fields
+
+
+def _root_pre_hook(plan: ShardingPlan, state: ShardingState, positions: dict[str, int], region: _Region,
+                   module, args, kwargs):
+    # Entered first, before anything can raise: the always_call exit hook then always has something to exit.
+    enter_checked_region()
+    region.depth += 1
+    # Once per transformer forward (not per layer); skipped at P = 1, when disabled, and while torch.compile traces.
+    check = state.sp_size > 1 and agreement_enabled()
+    if not check:
+        return _prepare(plan, state, positions, module, args, kwargs, check)[0]
+    result, fields, local = None, {}, None
+    try:
+        result, fields = _prepare(plan, state, positions, module, args, kwargs, check)
+    except Exception as exc:  # noqa: BLE001 - every rank must raise it, not only this one (peers would hang)
+        local = exc
+    where = f"{plan.name} forward"
+    try:
+        agree(state.sp_group, fields, where=where,
+              error=None if local is None else (str(local) if isinstance(local, ValueError)
+                                                else f"{type(local).__name__}: {local}"))
+    except ValueError as exc:
+        message = str(exc)
+        if not message.startswith(f"{where}: bad input on"):  # the ranks disagree (not a local validation error)
+            message = f"{message.rstrip('.')}. {_SAME_INPUTS_HINT}"
+        raise ValueError(message) from local
+    return result
+
+
+def _root_exit_hook(region: _Region, module, args, output) -> None:
+    if region.depth > 0:
+        region.depth -= 1
+        exit_checked_region()
 
 
 def _shard_pre_hook(specs: tuple[ShardInput, ...], state: ShardingState, positions: dict[str, int], where: str,
@@ -413,6 +522,32 @@ def _resolve_groups(
     return init_sequence_parallel(sp_size, ulysses=degrees.ulysses, ring=degrees.ring)
 
 
+# names of the hooks diffusers' context parallelism registers (`diffusers.hooks.context_parallel`)
+_DIFFUSERS_CP_HOOK_PREFIXES = ("cp_input---", "cp_output---")
+
+
+def _diffusers_parallelism(model: nn.Module) -> str | None:
+    """What of diffusers' own parallelism is enabled on `model` (None: nothing).
+
+    diffusers records `enable_parallelism(config=...)` / `from_pretrained(..., parallel_config=...)` as
+    `model._parallel_config`, sets `_parallel_config` on the attention processors, and registers context-parallel
+    input/output hooks in the modules' `_diffusers_hook` registries; any of the three counts.
+    """
+    config = getattr(model, "_parallel_config", None)
+    if config is not None:
+        kinds = [kind for kind in ("context_parallel_config", "tensor_parallel_config")
+                 if getattr(config, kind, None) is not None]
+        return f"_parallel_config with {' and '.join(kinds) or type(config).__name__}"
+    for path, module in model.named_modules():
+        hooks = [h for h in getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
+                 if h.startswith(_DIFFUSERS_CP_HOOK_PREFIXES)]
+        if hooks:
+            return f"context-parallel hook {hooks[0]!r} on {path or 'the transformer'}"
+        if getattr(getattr(module, "processor", None), "_parallel_config", None) is not None:
+            return f"a context-parallel attention processor on {path}"
+    return None
+
+
 def _transformers_of(target: Any, components: tuple[str, ...] | None) -> tuple[dict[str, nn.Module], Any]:
     """`{name: transformer}` with a registered plan, and the pipeline (None for a bare transformer)."""
     if isinstance(target, nn.Module):
@@ -482,6 +617,15 @@ def parallelize(
             raise ValueError(f"{plan.name} {name}: {exc}") from None
         if "_dda_parallel" in model.__dict__:
             raise ValueError(f"{name} is already parallelized; call handle.remove() first")
+        enabled = _diffusers_parallelism(model)
+        if enabled is not None:  # both would shard the same sequence (and diffusers' hooks cannot be undone)
+            raise ValueError(
+                f"{plan.name} {name}: diffusers' own parallelism is enabled on this model ({enabled}); "
+                "diffusers_dist_attn.parallelize shards the sequence itself and cannot run on top of it. Use only "
+                "parallelize: build (or from_pretrained) a fresh transformer without enable_parallelism(...) / "
+                "parallel_config=..., or unhook this one first (diffusers.hooks.context_parallel."
+                "remove_context_parallel(model, model._cp_plan), then set _parallel_config = None on the model and "
+                "on each of its attention processors)")
 
     handle = ParallelHandle(groups)
     step_source = StepCounter(pipeline)
@@ -506,9 +650,12 @@ def _apply(handle: ParallelHandle, model: nn.Module, plan: ShardingPlan, state: 
     undo = plan.install(model, state, **options)
     if undo is not None:
         handle._undo.append(undo)
+    region = _Region()
     hooks = [
-        model.register_forward_pre_hook(functools.partial(_root_pre_hook, plan, state, _positions(model)),
+        model.register_forward_pre_hook(functools.partial(_root_pre_hook, plan, state, _positions(model), region),
                                         with_kwargs=True),
+        # always_call: the checked region ends even when the forward (or a pre-hook) raises
+        model.register_forward_hook(functools.partial(_root_exit_hook, region), always_call=True),
     ]
     for path, specs in plan.shard_inputs.items():
         if path:
