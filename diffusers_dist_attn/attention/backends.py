@@ -194,12 +194,13 @@ def _mask_bias(key_mask: torch.Tensor, q: torch.Tensor, heads: int, keys: int) -
 
 def attention_forward_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None,
-    backend: str | None = None,
+    backend: str | None = None, *, native_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """No-autograd softmax attention that also returns the LSE.
 
     q `[B, S_q, H, D]`, k, v `[B, S_k, H, D]`, key_mask bool `[B, S_k]` (True = attend) ->
-    `(out [B, S_q, H, D] fp32, lse [B, H, S_q] fp32, aux)` (fp64 for fp64 inputs); `aux` goes to `attention_backward_with_lse`.
+    `(out [B, S_q, H, D] fp32, lse [B, H, S_q] fp32, aux)` (fp64 for fp64 inputs; `native_out`: out in the kernel's
+    dtype, no fp32 copy); `aux` goes to `attention_backward_with_lse`.
     Rows without a valid key get `out = 0`, `lse = -inf`. On CUDA (fp16/bf16) PyTorch's flash kernel runs without a
     mask and its memory-efficient kernel with one; everything else runs the exact fp32 math path. The backward of
     the masked case runs the math path: the memory-efficient backward, given a merged (not its own) output and LSE,
@@ -209,7 +210,8 @@ def attention_forward_with_lse(
         res = torch.ops.aten._scaled_dot_product_flash_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, False, scale=scale
         )
-        return res[0].transpose(1, 2).float(), res[1].float(), ("flash", *res[2:8])
+        out = res[0].transpose(1, 2)
+        return (out if native_out else out.float()), res[1].float(), ("flash", *res[2:8])
     if _efficient_lse_fits(q, key_mask, backend) and k.shape[1] > 0:
         keys = -(-k.shape[1] // 16) * 16  # the kernel wants the bias's last dim 16-aligned: pad with masked keys
         kp, vp = (F.pad(t, (0, 0, 0, 0, 0, keys - k.shape[1])) for t in (k, v))
@@ -217,7 +219,8 @@ def attention_forward_with_lse(
         out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
             q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), bias, True, 0.0, False, scale=scale
         )
-        return out.transpose(1, 2).float(), lse[..., :q.shape[1]].float(), None
+        out = out.transpose(1, 2)
+        return (out if native_out else out.float()), lse[..., :q.shape[1]].float(), None
     s = _math_scores(q, k, scale, key_mask)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - _finite(lse)[..., None])

@@ -8,7 +8,8 @@ partial softmaxes merged through their log-sum-exps, the way ring attention merg
 - the text part by a dense kernel that returns its LSE (`attention_forward_with_lse`: PyTorch's flash kernel
   without a mask, its memory-efficient kernel with a key mask, exact math elsewhere);
 - `fine = out_s * exp(lse_s - lse) + out_t * exp(lse_t - lse)`, `lse = logaddexp(lse_s, lse_t)`, and the coarse
-  term `rep64(out_c) * gate` is added as in VSA without text.
+  term `rep64(out_c) * gate` is added as in VSA without text (one fused Triton kernel on CUDA,
+  `vsa_joint_triton.py`; PyTorch elsewhere).
 
 Backward: each part's gradients computed with the *merged* output and LSE are its slice of the joint softmax's
 gradients (FlashAttention's identity), so the VSA backward op gets `(fine, lse)` in place of its own `(out_s,
@@ -17,6 +18,7 @@ lse_s)` and the text part runs the dense backward with the same pair; their `dq`
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -30,6 +32,31 @@ __all__ = ["vsa_with_text"]
 _LN2 = math.log(2.0)
 
 
+def _merge_torch(out_s, lse2, out_t, lse_t, out_c, gate):
+    """`(out, fine, lse)` of the merge, in PyTorch (CPU; the reference of the Triton merge kernel)."""
+    lse_s = lse2 * _LN2  # the kernels keep base-2 LSEs
+    lse = torch.logaddexp(lse_s, lse_t)
+    fine = out_s.float() * torch.exp(lse_s - lse)[..., None] + out_t.float() * torch.exp(lse_t - lse)[..., None]
+    coarse = out_c.repeat_interleave(BLOCK, dim=2)
+    out = fine + (coarse if gate is None else coarse * gate.float())
+    return out.to(out_s.dtype), fine.to(out_s.dtype), lse
+
+
+_merge_triton = None  # the fused merge kernel, imported here so that no import runs in traced code
+if importlib.util.find_spec("triton") is not None:
+    try:
+        from .vsa_joint_triton import merge_text as _merge_triton
+    except Exception:  # noqa: BLE001 - a broken Triton install means the PyTorch merge
+        _merge_triton = None
+
+
+def _merge(out_s, lse2, out_t, lse_t, out_c, gate):
+    """Out `[B, H, 64 N, D]`, fine output (q's dtype) and merged natural LSE `[B, H, 64 N]`."""
+    if out_s.is_cuda and _merge_triton is not None and out_s.shape[-1] in (64, 128):
+        return _merge_triton(out_s, lse2, out_t, lse_t, out_c, gate)
+    return _merge_torch(out_s, lse2, out_t, lse_t, out_c, gate)
+
+
 class _VSAWithText(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, gate, block_sizes, topk, scale, text_k, text_v, text_mask, fwd_op, text_backend):
@@ -37,18 +64,13 @@ class _VSAWithText(torch.autograd.Function):
         _, lse2, out_s, out_c, sel, idx, num, qc, kc, vc = fwd_op(q, k, v, gate, block_sizes, topk, scale, True)
         # the text part on the tiled queries, as [B, S, H, D] views (no copies)
         out_t, lse_t, aux = attention_forward_with_lse(q.transpose(1, 2), text_k.transpose(1, 2),
-                                                       text_v.transpose(1, 2), scale, text_mask, text_backend)
-        lse_s = lse2 * _LN2  # the kernels keep base-2 LSEs
-        lse = torch.logaddexp(lse_s, lse_t)
-        fine = (out_s.float() * torch.exp(lse_s - lse)[..., None]
-                + out_t.transpose(1, 2) * torch.exp(lse_t - lse)[..., None])
-        coarse = out_c.repeat_interleave(BLOCK, dim=2)
-        out = fine + (coarse if gate is None else coarse * gate.float())
-        fine = fine.to(q.dtype)
+                                                       text_v.transpose(1, 2), scale, text_mask, text_backend,
+                                                       native_out=True)
+        out, fine, lse = _merge(out_s, lse2, out_t.transpose(1, 2), lse_t, out_c, gate)
         ctx.save_for_backward(q, k, v, gate, block_sizes, fine, lse, out_c, sel, idx, num, qc, kc, vc, text_k, text_v,
                               text_mask)
         ctx.scale, ctx.aux, ctx.text_backend = scale, aux, text_backend
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, dout):

@@ -1,5 +1,5 @@
-// Python binding of the sm_90a VSA forward (kernels/vsa_fwd_sm90.cu), built on first use by
-// diffusers_dist_attn/vsa/cuda_build.py (torch.utils.cpp_extension.load). Validated on an H100; see kernels/README.md.
+// Python binding of the sm_90a VSA forward (vsa_fwd_sm90.cu), built on first use by
+// diffusers_dist_attn/vsa/cuda_build.py (torch.utils.cpp_extension.load); see README.md in this folder.
 //
 // sparse_fwd(q, k, v, gate?, out_c, q2k_idx, q2k_num, block_sizes, scale, out, out_s?, lse) writes `out`, `out_s`
 // (when given) and `lse` in place; the caller allocates them (so tests can poison them first). Shapes as in

@@ -1,8 +1,8 @@
 // Video Sparse Attention, fine-stage FORWARD for Hopper (sm_90a): block-sparse flash attention over 64x64 blocks.
 //
-// STATUS: validated on an H100 (2026-11-27): tests/gpu/test_vsa_cuda.py 48/48 against the fp32 reference and the
-// Triton fine stage, compute-sanitizer memcheck clean. Speed: within ~7% of the Triton fine stage (both are bound by
-// the L2 -> SM traffic of gathered K/V tiles); numbers in benchmarks/NOTES.md, ptxas report in kernels/BUILD_NOTES.md.
+// Opt-in (DIFFUSERS_DIST_ATTN_VSA_CUDA=1): it is not faster than the Triton fine stage, because both are bound by
+// the L2 -> SM traffic of gathered K/V tiles (see README.md here). Correctness: tests/gpu/test_vsa_cuda.py;
+// ptxas resources: BUILD_NOTES.md here; speed: benchmarks/NOTES.md.
 //
 // Contract (same as `_fwd_kernel` in diffusers_dist_attn/vsa/triton_kernels.py), per (batch*head bh, query block
 // qb) with S = 64 N tokens per head:
@@ -14,11 +14,11 @@
 // CTA layout (384 threads = 3 warpgroups, one CTA per SM: __launch_bounds__(384, 1)):
 //   warpgroup 0 = producer: warp c (c < kConsumers), lane 0, streams the Q tile and the listed K/V tiles of
 //                 consumer c through TMA (cp.async.bulk.tensor, SWIZZLE_128B) into a kStages-deep ring.
-//                 setmaxnreg.dec to 24 registers.
+//                 setmaxnreg.dec to kProducerRegs registers.
 //   warpgroups 1, 2 = consumers: each owns one (bh, qb) tile of 64 query rows (tile = blockIdx.x * 2 + c) and its
 //                 own ring; S = Q K^T with wgmma m64n64k16 (A, B from shared memory), online softmax in
 //                 registers, O += P V with wgmma m64n{D}k16 (P from registers, V from shared memory, transposed).
-//                 setmaxnreg.inc to 240 registers.
+//                 setmaxnreg.inc to kConsumerRegs registers.
 // Shared memory per consumer: Q [64, D] + kStages x (K [64, D] + V [64, D]) in bf16; every [64, D] tile is stored
 // as D/64 "halves" of [64 rows][64 columns] = 8 KB (128-byte rows, 128B-swizzled by TMA), 1024-byte aligned.
 // D = 128: 16 KB per tile, 80 KB per consumer, 161 KB per CTA. D = 64: 40 KB per consumer.

@@ -1,4 +1,4 @@
-// Host interface of the VSA fine-stage forward for sm_90a (kernels/vsa_fwd_sm90.cu). Plain C++: no torch headers,
+// Host interface of the VSA fine-stage forward for sm_90a (vsa_fwd_sm90.cu). Plain C++: no torch headers,
 // so the .cu also compiles on its own (tests/test_cuda_compile.py) and the torch binding (vsa_binding.cpp) only
 // fills this struct.
 #pragma once

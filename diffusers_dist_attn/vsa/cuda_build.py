@@ -1,6 +1,4 @@
-"""Build-on-first-use of the compiled Hopper VSA kernel (`kernels/vsa_fwd_sm90.cu` + `kernels/vsa_binding.cpp`).
-
-Validated on an H100 and opt-in (see `kernels/README.md`).
+"""Build-on-first-use of the compiled Hopper VSA kernel (`diffusers_dist_attn/kernels/`, opt-in; see its README).
 
 `build()` compiles the sources with `torch.utils.cpp_extension.load` (ninja) for sm_90a into a folder named by a
 hash of the sources, the arch, and the torch / CUDA / nvcc / Python versions, under `~/.cache/diffusers_dist_attn/`
@@ -9,9 +7,11 @@ binary (e.g. an undefined-symbol failure after a torch upgrade) is never loaded;
 without recompiling. `load_extension()` is the cached, quiet entry point: the module, or None after one warning
 that says why (no CUDA build of torch, no nvcc, no sm_90 GPU, build failure). Nothing here raises.
 
-`diffusers-dist-attn build-kernels` prebuilds (and prints where the library went, or why it could not build).
-The sources are read from the `kernels/` folder of the source tree (editable installs and checkouts); env
-`DIFFUSERS_DIST_ATTN_KERNELS_DIR` points elsewhere.
+`build_plan()` says what a build would read and where it would go, and why it could not run here, without
+compiling (`diffusers-dist-attn build-kernels --dry-run`); `build()` runs the same checks first.
+
+The sources ship inside the package (wheel package data), found through `importlib.resources`, so checkouts,
+editable installs and wheels read the same files; env `DIFFUSERS_DIST_ATTN_KERNELS_DIR` points elsewhere.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.resources
 import os
 import platform
 import shutil
@@ -30,20 +31,25 @@ from types import ModuleType
 
 import torch
 
+from ..envs import CACHE_DIR, KERNELS_DIR, get
+
 __all__ = [
     "ARCH",
     "CACHE_ENV",
     "KERNELS_ENV",
     "SOURCES",
+    "BuildPlan",
     "BuildResult",
     "build",
+    "build_plan",
     "cache_root",
     "kernels_dir",
     "load_extension",
+    "packaged_kernels_dir",
 ]
 
-CACHE_ENV = "DIFFUSERS_DIST_ATTN_CACHE"
-KERNELS_ENV = "DIFFUSERS_DIST_ATTN_KERNELS_DIR"
+CACHE_ENV = CACHE_DIR.name
+KERNELS_ENV = KERNELS_DIR.name
 ARCH = "9.0a"  # TORCH_CUDA_ARCH_LIST spelling of -gencode=arch=compute_90a,code=sm_90a (wgmma, setmaxnreg)
 SOURCES = ("vsa_binding.cpp", "vsa_fwd_sm90.cu")
 HEADERS = ("sm90_ptx.cuh", "vsa_fwd_sm90.h")
@@ -60,15 +66,32 @@ class BuildResult:
     path: Path | None = None
 
 
+@dataclass
+class BuildPlan:
+    """What a build reads and where it goes; `reason` is None when a build could run here, else why not."""
+
+    sources: list[Path]
+    cache_dir: Path
+    arch: str
+    nvcc: str | None
+    reason: str | None = None
+
+
+def packaged_kernels_dir() -> Path:
+    """The CUDA sources shipped with the package (`diffusers_dist_attn/kernels/`)."""
+    # nvcc needs real files: wheels and editable installs unpack to the file system, so this is a plain path.
+    return Path(str(importlib.resources.files("diffusers_dist_attn") / "kernels"))
+
+
 def kernels_dir() -> Path:
-    """Folder holding the CUDA sources (env override, else `<source tree>/kernels`)."""
-    override = os.environ.get(KERNELS_ENV)
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "kernels"
+    """Folder holding the CUDA sources (env `DIFFUSERS_DIST_ATTN_KERNELS_DIR`, else the packaged ones)."""
+    override = get(KERNELS_DIR)
+    return Path(override).expanduser() if override else packaged_kernels_dir()
 
 
 def cache_root() -> Path:
     """Root of the build cache (env `DIFFUSERS_DIST_ATTN_CACHE`, else `~/.cache/diffusers_dist_attn`)."""
-    override = os.environ.get(CACHE_ENV)
+    override = get(CACHE_DIR)
     return Path(override).expanduser() if override else Path.home() / ".cache" / "diffusers_dist_attn"
 
 
@@ -141,37 +164,59 @@ def build(*, require_gpu: bool = True, force: bool = False, verbose: bool = Fals
         return BuildResult(None, f"build failed: {type(exc).__name__}: {str(exc).strip()[-2000:]}")
 
 
-def _build(*, require_gpu: bool, force: bool, verbose: bool) -> BuildResult:
+def build_plan(*, require_gpu: bool = True) -> BuildPlan:
+    """The files a build reads, its folder, and why it could not run here (None: it could). Compiles nothing.
+
+    The checks run cheapest first and the first failing one is the reason: sources, a CUDA build of torch, an
+    sm_90 GPU (unless `require_gpu=False`), nvcc, ninja. `cache_dir` is the per-source build folder when the
+    sources are there, else the cache root.
+    """
     root = kernels_dir()
-    missing = [name for name in (*SOURCES, *HEADERS) if not (root / name).is_file()]
-    if missing:
-        return BuildResult(None, f"kernel sources not found in {root} (missing {', '.join(missing)}); set "
-                                 f"{KERNELS_ENV} to a checkout's kernels/ folder")
-    if torch.version.cuda is None:
-        return BuildResult(None, f"torch {torch.__version__} is a CPU-only build (no CUDA libraries to link against)")
-    if require_gpu and (reason := _gpu_reason()) is not None:
-        return BuildResult(None, reason)
+    files = [root / name for name in (*SOURCES, *HEADERS)]
     nvcc = _nvcc()
+    plan = BuildPlan(sources=files, cache_dir=cache_root(), arch=ARCH, nvcc=nvcc)
+    missing = [path.name for path in files if not path.is_file()]
+    if missing:
+        plan.reason = (f"kernel sources not found in {root} (missing {', '.join(missing)}); unset {KERNELS_ENV} "
+                       f"or point it at a folder holding them")
+        return plan
+    plan.cache_dir = cache_root() / f"dda_vsa_sm90_{cache_key(nvcc)}"
+    plan.reason = _toolchain_reason(require_gpu, nvcc)
+    return plan
+
+
+def _toolchain_reason(require_gpu: bool, nvcc: str | None) -> str | None:
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build (no CUDA libraries to link against)"
+    if require_gpu and (reason := _gpu_reason()) is not None:
+        return reason
     if nvcc is None:
-        return BuildResult(None, "nvcc not found (set CUDA_HOME or put the CUDA toolkit's bin/ on PATH)")
+        return "nvcc not found (set CUDA_HOME or put the CUDA toolkit's bin/ on PATH)"
     from torch.utils import cpp_extension
 
     try:
         cpp_extension.verify_ninja_availability()
     except RuntimeError:
-        return BuildResult(None, "ninja not found (pip install ninja, or the system package)")
-    if cpp_extension.CUDA_HOME is None:
-        cpp_extension.CUDA_HOME = str(Path(nvcc).resolve().parents[1])
+        return "ninja not found (pip install ninja, or the system package)"
+    return None
 
-    key = cache_key(nvcc)
-    name = f"dda_vsa_sm90_{key}"
-    path = cache_root() / name
+
+def _build(*, require_gpu: bool, force: bool, verbose: bool) -> BuildResult:
+    plan = build_plan(require_gpu=require_gpu)
+    if plan.reason is not None:
+        return BuildResult(None, plan.reason)
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        cpp_extension.CUDA_HOME = str(Path(plan.nvcc).resolve().parents[1])
+    path = plan.cache_dir
     if force and path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
+    root = plan.sources[0].parent
     with _env(TORCH_CUDA_ARCH_LIST=ARCH):
         module = cpp_extension.load(
-            name=name,
+            name=path.name,
             sources=[str(root / src) for src in SOURCES],
             extra_cflags=list(CXX_FLAGS),
             extra_cuda_cflags=list(NVCC_FLAGS),

@@ -8,6 +8,7 @@ its in-bounds voxels in raster order; each tile occupies one 64-slot block, real
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ class TileLayout:
         block_sizes: int32 `[N]`, real tokens per block (sum = S).
         source_index: long `[64 N]`, tiled slot -> its raster token (pad slots: token 0, zeroed after).
         pad_slots: long `[64 N - S]`, the pad slots.
+        tile_index: int32 `[64 N]`, `source_index` with -1 at pad slots (the Triton permutation kernel).
+        untile_index: int32 `[S]`, `slot_index` (the Triton permutation kernel).
     """
 
     grid: tuple[int, int, int]
@@ -40,6 +43,8 @@ class TileLayout:
     block_sizes: torch.Tensor
     source_index: torch.Tensor
     pad_slots: torch.Tensor
+    tile_index: torch.Tensor
+    untile_index: torch.Tensor
 
     @property
     def seq_len(self) -> int:
@@ -72,8 +77,9 @@ def _layout_cpu(grid: tuple[int, int, int]) -> TileLayout:
     source_index[slot_index] = torch.arange(slot_index.numel())
     is_pad = torch.ones(num_blocks * BLOCK, dtype=torch.bool)
     is_pad[slot_index] = False
+    tile_index = source_index.masked_fill(is_pad, -1).to(torch.int32)
     return TileLayout(grid, tiles, num_blocks, slot_index, block_sizes.to(torch.int32), source_index,
-                      is_pad.nonzero().flatten())
+                      is_pad.nonzero().flatten(), tile_index, slot_index.to(torch.int32))
 
 
 def _tiles(grid: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -90,7 +96,7 @@ _DEVICE_CACHE: dict[tuple[tuple[int, int, int], torch.device], tuple[torch.Tenso
 
 @torch.compiler.assume_constant_result
 def _index_tensors(grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """`(slot_index, block_sizes, source_index, pad_slots)` of `grid` on `device`, built once per process.
+    """The index tensors of `TileLayout` (from `slot_index` on) for `grid` on `device`, built once per process.
 
     Under `torch.compile` this runs eagerly at trace time and its result is a constant of the graph: building the
     layout inside the traced region would make its `nonzero()` a data-dependent shape (a fullgraph failure).
@@ -99,7 +105,7 @@ def _index_tensors(grid: tuple[int, int, int], device: torch.device) -> tuple[to
     if key not in _DEVICE_CACHE:
         base = _layout_cpu(grid)
         _DEVICE_CACHE[key] = tuple(t.to(device) for t in (base.slot_index, base.block_sizes, base.source_index,
-                                                          base.pad_slots))
+                                                          base.pad_slots, base.tile_index, base.untile_index))
     return _DEVICE_CACHE[key]
 
 
@@ -111,42 +117,58 @@ def tile_layout(grid: tuple[int, int, int], device: torch.device | str = "cpu") 
     return TileLayout(grid, _tiles(grid), num_blocks(grid), *_index_tensors(grid, torch.device(device)))
 
 
-def _tile(x: torch.Tensor, source_index: torch.Tensor, pad_slots: torch.Tensor) -> torch.Tensor:
+_PERMUTE = None  # the Triton permutation op (`tiling_triton`), imported here so no import runs in traced code
+if importlib.util.find_spec("triton") is not None:
+    try:
+        from .tiling_triton import permute_rows as _PERMUTE
+    except Exception:  # noqa: BLE001 - a broken Triton install means the PyTorch gathers
+        _PERMUTE = None
+
+
+def _tile(x: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """`[B, S, H, D]` -> `[B, H, 64 N, D]`; `index` = (source_index, pad_slots, slot_index, tile_index, untile_index)."""
+    source_index, pad_slots, _, tile_index, _ = index
+    if x.is_cuda and _PERMUTE is not None:
+        return _PERMUTE(x, tile_index, True)
     # one gather pass straight into the [B, H, 64N, D] layout, then zero only the pad rows
     out = x.transpose(1, 2).index_select(2, source_index)
     return out.index_fill_(2, pad_slots, 0) if pad_slots.numel() else out
 
 
-def _untile(x: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
-    return x.transpose(1, 2).index_select(1, slot_index)
+def _untile(x: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    if x.is_cuda and _PERMUTE is not None:
+        return _PERMUTE(x, index[4], False)
+    return x.transpose(1, 2).index_select(1, index[2])
 
 
 class _Tile(torch.autograd.Function):
     """`tile` whose backward is the inverse gather (`untile`), not `index_select`'s scatter-add."""
 
     @staticmethod
-    def forward(ctx, x, source_index, pad_slots, slot_index):
-        ctx.save_for_backward(slot_index)
-        return _tile(x, source_index, pad_slots)
+    def forward(ctx, x, *index):
+        ctx.save_for_backward(*index)
+        return _tile(x, index)
 
     @staticmethod
     def backward(ctx, grad):
-        (slot_index,) = ctx.saved_tensors
-        return _untile(grad, slot_index), None, None, None
+        return (_untile(grad, ctx.saved_tensors), *(None,) * 5)
 
 
 class _Untile(torch.autograd.Function):
     """`untile` whose backward is the inverse gather (`tile`, zero in pad slots)."""
 
     @staticmethod
-    def forward(ctx, x, source_index, pad_slots, slot_index):
-        ctx.save_for_backward(source_index, pad_slots)
-        return _untile(x, slot_index)
+    def forward(ctx, x, *index):
+        ctx.save_for_backward(*index)
+        return _untile(x, index)
 
     @staticmethod
     def backward(ctx, grad):
-        source_index, pad_slots = ctx.saved_tensors
-        return _tile(grad, source_index, pad_slots), None, None, None
+        return (_tile(grad, ctx.saved_tensors), *(None,) * 5)
+
+
+def _indices(layout: TileLayout) -> tuple[torch.Tensor, ...]:
+    return layout.source_index, layout.pad_slots, layout.slot_index, layout.tile_index, layout.untile_index
 
 
 def tile(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
@@ -159,15 +181,15 @@ def tile(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     if s != layout.seq_len:
         raise ValueError(f"sequence length {s} does not match grid {layout.grid} ({layout.seq_len} tokens)")
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Tile.apply(x, layout.source_index, layout.pad_slots, layout.slot_index)
-    return _tile(x, layout.source_index, layout.pad_slots)
+        return _Tile.apply(x, *_indices(layout))
+    return _tile(x, _indices(layout))
 
 
 def untile(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     """`[B, H, 64*N, D]` tiled -> `[B, S, H, D]` raster order (pad slots dropped), contiguous; backward: `tile`."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Untile.apply(x, layout.source_index, layout.pad_slots, layout.slot_index)
-    return _untile(x, layout.slot_index)
+        return _Untile.apply(x, *_indices(layout))
+    return _untile(x, _indices(layout))
 
 
 def topk_for_sparsity(sparsity: float, num_blocks: int) -> int:

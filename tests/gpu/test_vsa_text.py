@@ -98,3 +98,28 @@ def test_text_path_compiles_fullgraph():
     compiled = torch.compile(layer, fullgraph=True)
     out = compiled(q, k, v, tq, tk, tv, g, grid_size=grid, sparsity=0.5, replicated_mask=mask)[0]
     assert _rel(out, eager) < 1e-3
+
+
+@pytest.mark.parametrize("d,with_gate", [(64, True), (128, False), (128, True)])
+def test_fused_merge_matches_torch(d, with_gate):
+    """The Triton merge kernel against its PyTorch formula: strided text LSE (as the padded efficient-kernel LSE),
+    a row block without valid text keys (lse_t = -inf), bf16 outputs."""
+    from diffusers_dist_attn.attention import vsa_joint
+
+    if vsa_joint._merge_triton is None:
+        pytest.skip("Triton merge kernel unavailable")
+    torch.manual_seed(d)
+    b, h, n = 2, 3, 5
+    s = 64 * n
+    out_s = torch.randn(b, h, s, d, device="cuda").bfloat16()
+    lse2 = torch.randn(b, h, s, device="cuda") * 3
+    out_t = torch.randn(b, s, h, d, device="cuda").bfloat16().transpose(1, 2)  # a [B, S, H, D] buffer's view
+    lse_t = (torch.randn(b, h, s + 32, device="cuda") * 3)[..., :s]  # padded LSE, sliced
+    lse_t[1, 2, :64] = float("-inf")
+    out_c = torch.randn(b, h, n, d, device="cuda")
+    gate = torch.randn(b, h, s, d, device="cuda").bfloat16() if with_gate else None
+    got = vsa_joint._merge_triton(out_s, lse2, out_t, lse_t, out_c, gate)
+    want = vsa_joint._merge_torch(out_s, lse2, out_t, lse_t, out_c, gate)
+    for g, w in zip(got, want, strict=True):
+        assert _rel(g, w) < 1e-2
+    assert (got[2] - want[2]).abs().max() < 1e-4

@@ -1,0 +1,74 @@
+"""One Triton kernel for the forward merge of VSA with text keys (see `vsa_joint.py` for the math).
+
+`torch.ops.diffusers_dist_attn.merge_text(out_s, lse2, out_t, lse_t, out_c, gate)` -> `(out, fine, lse)`:
+`lse = logaddexp(lse2 ln 2, lse_t)`, `fine = out_s e^(lse2 ln 2 - lse) + out_t e^(lse_t - lse)`,
+`out = fine + rep64(out_c) * gate` (gate None: `+ rep64(out_c)`). `out_s, gate [B, H, 64 N, D]` contiguous,
+`out_t [B, H, 64 N, D]` and `lse_t [B, H, 64 N]` with any strides (last dim of `out_t` contiguous), `out_c [B, H, N, D]`
+fp32. One read of every input and one write of every output, instead of ~10 fp32 passes in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["merge_text"]
+
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _merge_kernel(
+    OS, LSE2, OT, LSET, OC, G, OUT, FINE, LSE, N, sot_bh, sot_s, slt_bh, slt_s,
+    D: tl.constexpr, HAS_GATE: tl.constexpr,
+):  # fmt: skip
+    blk = tl.program_id(0)  # one 64-row VSA block of one (batch, head)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = blk * 64 + tl.arange(0, 64)
+    cols = tl.arange(0, D)
+    s = bh * N * 64 + rows  # row in the flattened contiguous [B*H*64N] layout
+    lse_s = tl.load(LSE2 + s) * LN2
+    lse_t = tl.load(LSET + bh * slt_bh + rows * slt_s)
+    m = tl.maximum(lse_s, lse_t)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    ws, wt = tl.exp(lse_s - m), tl.exp(lse_t - m)
+    total = ws + wt
+    lse = m + tl.log(total)
+    ws, wt = ws / total, wt / total
+    off = s[:, None] * D + cols[None, :]
+    fine = tl.load(OS + off).to(tl.float32) * ws[:, None]
+    text = tl.load(OT + bh * sot_bh + rows[:, None] * sot_s + cols[None, :]).to(tl.float32)
+    fine += tl.where(wt[:, None] > 0, text * wt[:, None], 0.0)  # a row without valid text keys: out_t unused
+    coarse = tl.load(OC + (bh * N + blk) * D + cols)[None, :]
+    if HAS_GATE:
+        coarse = coarse * tl.load(G + off).to(tl.float32)
+    tl.store(LSE + s, lse)
+    tl.store(FINE + off, fine.to(FINE.dtype.element_ty))
+    tl.store(OUT + off, (fine + coarse).to(OUT.dtype.element_ty))
+
+
+@torch.library.custom_op("diffusers_dist_attn::merge_text", mutates_args=())
+def merge_text(out_s: torch.Tensor, lse2: torch.Tensor, out_t: torch.Tensor, lse_t: torch.Tensor,
+               out_c: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See the module docstring."""
+    b, h, s, d = out_s.shape
+    n = s // 64
+    out, fine = torch.empty_like(out_s), torch.empty_like(out_s)
+    lse = torch.empty((b, h, s), device=out_s.device, dtype=torch.float32)
+    if out_t.stride(-1) != 1:
+        out_t = out_t.contiguous()
+    # out_t / lse_t strides of the flattened (batch, head) index and of the row index
+    ot = out_t.reshape(b * h, s, d) if out_t.stride(0) == h * out_t.stride(1) else out_t.contiguous().view(b * h, s, d)
+    lt = lse_t.reshape(b * h, s) if lse_t.stride(0) == h * lse_t.stride(1) else lse_t.contiguous().view(b * h, s)
+    _merge_kernel[(n, b * h)](
+        out_s, lse2, ot, lt, out_c.contiguous(), gate if gate is not None else out_s, out, fine, lse, n,
+        ot.stride(0), ot.stride(1), lt.stride(0), lt.stride(1), D=d, HAS_GATE=gate is not None, num_warps=4,
+    )
+    return out, fine, lse
+
+
+@merge_text.register_fake
+def _(out_s, lse2, out_t, lse_t, out_c, gate):
+    b, h, s, _ = out_s.shape
+    return torch.empty_like(out_s), torch.empty_like(out_s), out_s.new_empty((b, h, s), dtype=torch.float32)
