@@ -26,6 +26,7 @@ the size and frame-count rules.
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +38,18 @@ PIPELINES: dict[str, str] = {
 }
 
 REQUIRED_ATTRIBUTES = ("NAME", "DEFAULTS", "build_tiny_pipeline", "load_pipeline", "call_kwargs")
+
+
+def vae_config_int(path: str | Path | None, key: str, default: int) -> int:
+    """A positive int `key` of `path/vae/config.json`, or `default` (no path, no file, no such key)."""
+    if path is not None:
+        try:
+            value = json.loads((Path(path) / "vae" / "config.json").read_text()).get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+        except (OSError, ValueError, AttributeError):
+            pass
+    return default
 
 
 def get_pipeline_module(name: str) -> ModuleType:

@@ -23,6 +23,8 @@ import torch
 from diffusers import HunyuanVideoPipeline
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
+from . import vae_config_int
+
 __all__ = [
     "NAME",
     "DEFAULTS",
@@ -200,14 +202,7 @@ def temporal_compression(path: str | Path | None = None) -> int:
     """Frames per latent frame of the VAE (`temporal_compression_ratio` in `path/vae/config.json`; 4 for the
     embedded VAE and when the folder does not say): the pipeline makes `(num_frames - 1) // 4 + 1` latent frames,
     so it decodes `4k + 1` frames and silently rounds other counts down."""
-    if path is not None:
-        try:
-            value = json.loads((Path(path) / "vae" / "config.json").read_text()).get("temporal_compression_ratio")
-            if isinstance(value, int) and value > 0:
-                return value
-        except (OSError, ValueError, AttributeError):
-            pass
-    return 4
+    return vae_config_int(path, "temporal_compression_ratio", default=4)
 
 
 def check_folder(path: str | Path) -> Path:

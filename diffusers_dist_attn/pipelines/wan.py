@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from . import vae_config_int
+
 __all__ = [
     "NAME",
     "DEFAULTS",
@@ -136,14 +138,7 @@ def _class_name(path: Path) -> str | None:
 def temporal_compression(path: str | Path | None = None) -> int:
     """Frames per latent frame of the VAE (`scale_factor_temporal` in `path/vae/config.json`; 4 for the embedded
     VAE and when the folder does not say): `WanPipeline` decodes `4k + 1` frames and rounds other counts down."""
-    if path is not None:
-        try:
-            value = json.loads((Path(path) / "vae" / "config.json").read_text()).get("scale_factor_temporal")
-            if isinstance(value, int) and value > 0:
-                return value
-        except (OSError, ValueError, AttributeError):
-            pass
-    return 4
+    return vae_config_int(path, "scale_factor_temporal", default=4)
 
 
 def check_folder(path: str | Path) -> Path:
