@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call on a 4-GPU machine: Wan pipeline benchmark (1, 2, 4 GPUs; hybrid ring layouts at 4),
 # HunyuanVideo benchmark (1, 2, 4 GPUs) and the `generate` main job on the real Wan 1.3B shape.
-# Everything lands in $OUT/multi_<PHASE>.tar.gz (+ multi.log). diffusers travels as a wheel in .carry/wheels/.
+# Everything lands in $OUT/multi_<PHASE>.tar.gz (+ multi.log). Carried wheels (diffusers, ftfy) in .carry/whl/ are
+# installed to /tmp/site. The scaling measurement in one command: benchmarks/run_gpu_scaling.sh.
 #   PHASE="a|b|gen|prof ..."|all OUT=/tmp/out bash benchmarks/run_gpu_multi.sh
 # a: Wan benchmark on 1/2/4 GPUs + generate; b: HunyuanVideo + hybrid layouts; gen: only generate on 1/2/4;
 # compile: eager vs torch.compile'd blocks (4 then 1 GPU); gputests: rotary + Triton VSA GPU tests; kern: CUDA VSA variants + rotary kernel tests; a1 / a24: phase a's benchmark on 1 / on 2 and 4 GPUs;
@@ -12,7 +13,10 @@ OUT="${OUT:-/tmp/multi_out}"
 RES="$OUT/res"
 mkdir -p "$RES/hunyuan" "$RES/generate"
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/multi.log"; }
-python3 -m pip install -q --no-deps --no-index .carry/wheels/diffusers-*.whl >>"$OUT/multi.log" 2>&1 || log "diffusers install failed"
+if ls .carry/whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl >>"$OUT/multi.log" 2>&1 \
+    && export PYTHONPATH="$PWD:/tmp/site" || log "wheel install failed"
+fi
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee -a "$OUT/multi.log"
 NGPU=$(nvidia-smi -L | wc -l)
 step() {  # step SECONDS NAME COMMAND...
@@ -24,7 +28,7 @@ step() {  # step SECONDS NAME COMMAND...
 }
 TR="torchrun --standalone"
 BP="benchmarks/bench_pipeline.py --out $RES --work-dir /tmp/dda_work ${BP_ARGS:-}"
-HB="benchmarks/bench_hunyuan_gpu.py --out $RES/hunyuan --check"
+HB="benchmarks/bench_hunyuan_gpu.py --out $RES/hunyuan --work-dir /tmp/dda_work_hv --check --attention dense vsa --sparsity 0.875"
 GEN="-m diffusers_dist_attn generate --preset wan2.1-t2v-1.3b --height 480 --width 832 --num-frames 81 --steps 3 --dtype bf16 --format png"
 PHASE="${PHASE:-all}"
 has() { [ "$PHASE" = all ] || [[ " $PHASE " == *" $1 "* ]]; }

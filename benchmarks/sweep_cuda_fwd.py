@@ -1,6 +1,6 @@
 """Compare compile-time variants of the sm_90a VSA forward on the fine stage alone (GPU).
 
-Each variant is a copy of `kernels/` with one `sed` edit, built under its own cache key (the source hash), checked
+Each variant is a copy of `diffusers_dist_attn/kernels/` with one `sed` edit, built under its own cache key (the source hash), checked
 against the Triton fine stage (`diag_vsa_cuda.case`), then timed next to Triton's fine stage on the same lists
 (B1 H12 S32768 D128, sparsity 0.875). Prints a table and writes `cuda_fwd_sweep_<tag>.json`.
 
@@ -28,7 +28,7 @@ import diag_vsa_cuda  # noqa: E402
 from diffusers_dist_attn.vsa import cuda_build  # noqa: E402
 from diffusers_dist_attn.vsa import triton_kernels as kern  # noqa: E402
 
-KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+KERNELS = cuda_build.packaged_kernels_dir()
 # name -> (pattern, replacement) applied to vsa_fwd_sm90.cu; "base" is the source as committed
 VARIANTS = {
     "base": None,

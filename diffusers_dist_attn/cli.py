@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     kern.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     kern.add_argument("--dry-run", action="store_true",
                       help="compile nothing: print the sources, the build folder and why a build could not run here")
+    from .training.cli import add_parsers as add_training_parsers  # `train`, `preprocess`
+
+    add_training_parsers(sub)
     return parser
 
 
@@ -529,7 +532,10 @@ def _prepare_output_dir(out_dir: Path) -> list[Path]:
     created = []
     try:
         for folder in reversed(missing):
-            folder.mkdir()
+            try:
+                folder.mkdir()
+            except FileExistsError:  # another rank of this job made it between the check and here
+                continue
             created.append(folder)
         probe = _temp_path(out_dir / _PROBE)
         probe.write_bytes(b"")
@@ -981,18 +987,10 @@ def _versions() -> dict[str, str]:
 # build-kernels
 # ---------------------------------------------------------------------------------------------------------------
 def _build_plan():
-    """`cuda_build.build_plan()`, or what can be said without it (older `cuda_build`: no compiler checks)."""
+    """`cuda_build.build_plan()`: the sources found, the build folder, and why a build cannot run here (if so)."""
     from .vsa import cuda_build
 
-    plan_fn = getattr(cuda_build, "build_plan", None)
-    if callable(plan_fn):
-        return plan_fn()
-    root = cuda_build.kernels_dir()
-    return argparse.Namespace(
-        sources=[root / name for name in getattr(cuda_build, "SOURCES", ())], cache_dir=cuda_build.cache_root(),
-        arch=getattr(cuda_build, "ARCH", "unknown"), nvcc=shutil.which("nvcc"),
-        reason="cuda_build.build_plan() is not part of this installation: the build checks were not run (the "
-               "build folder shown is the cache root, not the per-source folder)")
+    return cuda_build.build_plan()
 
 
 def build_kernels(args: argparse.Namespace) -> int:
@@ -1083,6 +1081,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build-kernels":
             return build_kernels(args)
+        if args.command in ("train", "preprocess"):
+            from .training.cli import run as run_training
+
+            return run_training(args)
         if args.command == "generate":
             configure_logging(args.log_level)
             generate(RunConfig.from_args(args))

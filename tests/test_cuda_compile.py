@@ -1,7 +1,8 @@
 """CPU-only checks of the compiled VSA kernel (issue 6): nothing here runs CUDA code.
 
-- every `kernels/*.cu` compiles for sm_90a with nvcc (skipped without nvcc), ptxas reports no stack frame and no
-  spills, and the SASS (cuobjdump, skipped without it) has HGMMA (wgmma) and UTMALDG (TMA) and no local memory;
+- every packaged `diffusers_dist_attn/kernels/*.cu` compiles for sm_90a with nvcc (skipped without nvcc), ptxas
+  reports no stack frame and no spills, and the SASS (cuobjdump, skipped without it) has HGMMA (wgmma) and UTMALDG
+  (TMA) and no local memory;
 - the Python side degrades cleanly: `cuda_ops.is_available()` is False without the opt-in env var and never
   raises, `cuda_build.build()` reports a reason instead of raising, `build-kernels` exits 1 with that reason;
 - the `vsa_fwd_cuda` op plumbing (fake kernel, autograd borrowed from `vsa_fwd`) on the CPU mirror.
@@ -21,7 +22,7 @@ import torch
 
 from diffusers_dist_attn.vsa import cuda_build, cuda_ops
 
-KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+KERNELS = cuda_build.packaged_kernels_dir()  # what the package ships (and the wheel carries)
 CU_FILES = sorted(KERNELS.glob("*.cu"))
 GENCODE = "-gencode=arch=compute_90a,code=sm_90a"
 
@@ -46,7 +47,7 @@ def _cuobjdump() -> str | None:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> dict[str, tuple[Path, str]]:
-    """{name: (cubin, ptxas report)} for every kernels/*.cu."""
+    """{name: (cubin, ptxas report)} for every packaged kernels/*.cu."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")

@@ -15,7 +15,7 @@ import triton.language as tl
 
 __all__ = ["merge_text"]
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -140,9 +140,9 @@ def synthetic_samples(count: int, spec: ModelSpec, latent_grid: tuple[int, int, 
     return SampleSet(infos, load)
 
 
-def check_samples(samples: SampleSet, spec: ModelSpec, sp: int, batch_per_group: int) -> None:
+def check_samples(samples: SampleSet, spec: ModelSpec, sp: int, batch_per_group: int, text_length: int) -> None:
     """`ValueError` naming the first sample that does not fit the model (`in_channels`, patch divisibility,
-    `text_dim`), the SP degree (at least one token per rank), or its batch mates (samples of one batch are stacked:
+    `text_dim`, at most `text_length` text tokens), the SP degree (at least one token per rank), or its batch mates (samples of one batch are stacked:
     with a batch size > 1 every sample needs the same latent shape)."""
     first = samples.infos[0]
     for info in samples.infos:
@@ -162,6 +162,8 @@ def check_samples(samples: SampleSet, spec: ModelSpec, sp: int, batch_per_group:
         if len(emb) != 2 or emb[1] != spec.text_dim:
             raise ValueError(f"sample {info.name}: prompt_embeds have shape {list(emb)}; the model takes [L, "
                              f"{spec.text_dim}] (text_dim)")
+        if emb[0] > text_length:
+            raise ValueError(f"sample {info.name}: {emb[0]} prompt_embeds tokens exceed --text-length {text_length}")
         if info.has_mask and info.mask != (emb[0],):
             raise ValueError(f"sample {info.name}: prompt_mask has shape {list(info.mask or ())}; expected "
                              f"[{emb[0]}] (one entry per prompt_embeds token)")
@@ -170,10 +172,11 @@ def check_samples(samples: SampleSet, spec: ModelSpec, sp: int, batch_per_group:
                              " with a batch size > 1 per data-parallel group all samples need one latent shape")
 
 
-def collate(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack samples: `latents [B, C, T, H, W]`, `prompt_embeds [B, L_max, D]` with masked and padded tokens set
-    to zero (what `WanPipeline` feeds for text shorter than its maximum length: Wan takes no text mask)."""
-    length = max(item["prompt_embeds"].shape[0] for item in items)
+def collate(items: Sequence[dict[str, torch.Tensor]], text_length: int) -> dict[str, torch.Tensor]:
+    """Stack samples: `latents [B, C, T, H, W]`, `prompt_embeds [B, text_length, D]` with masked tokens and the
+    padding up to `text_length` set to zero: exactly what `WanPipeline` feeds at inference (its prompt embeds are
+    zero-padded to `max_sequence_length`, 512; Wan takes no text mask, so the padding length matters)."""
+    length = text_length
     embeds = []
     for item in items:
         emb = item["prompt_embeds"]

@@ -1,6 +1,6 @@
 """Video Sparse Attention with the compiled Hopper (sm_90a) fine-stage forward (opt-in).
 
-The CUDA kernel (`kernels/vsa_fwd_sm90.cu`: wgmma + TMA, warp-specialised) passes the GPU tests and
+The CUDA kernel (`diffusers_dist_attn/kernels/vsa_fwd_sm90.cu`: wgmma + TMA, warp-specialised) passes the GPU tests and
 compute-sanitizer but measures slower than the Triton fine stage (`benchmarks/NOTES.md`), so it is opt-in:
 `is_available()` is False unless env `DIFFUSERS_DIST_ATTN_VSA_CUDA=1` is set; with it, it also needs an sm_90 GPU
 and a successful build (`cuda_build.load_extension`, built on first use and cached).

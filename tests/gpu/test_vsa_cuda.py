@@ -1,4 +1,4 @@
-"""GPU tests of the opt-in sm_90a VSA forward (`kernels/vsa_fwd_sm90.cu`, issue 6); skipped unless an sm_90 GPU
+"""GPU tests of the opt-in sm_90a VSA forward (`diffusers_dist_attn/kernels/vsa_fwd_sm90.cu`); skipped unless an sm_90 GPU
 and Triton are present. On such a machine a failed build FAILS (the reason is in the message), it is not skipped.
 
 Compared with the fp32 reference (`diffusers_dist_attn.vsa.reference`) at partial tiles, batch 2, head_dim 64/128,
