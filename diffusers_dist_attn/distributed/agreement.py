@@ -38,6 +38,7 @@ __all__ = [
     "layer_check_needed",
     "peer_failures",
     "tensor_checksum",
+    "tensor_checksums",
 ]
 
 
@@ -149,15 +150,33 @@ def _disagreement_message(where: str, everyone: list[tuple[dict[str, Any], str |
             + "; ".join(diffs) + ". Pass the same inputs (same seed, shapes and settings) on every rank")
 
 
-def tensor_checksum(t: torch.Tensor) -> tuple[float, float, float]:
-    """A cheap value fingerprint of `t`: (sum, sum of squares, position-weighted sum), in fp64.
-
-    Two tensors that differ in any element almost surely differ in one of the three; used to detect inputs
-    that must be identical across ranks (latents, timestep, text embeddings). Costs one host sync.
-    """
+def _checksum_terms(t: torch.Tensor) -> torch.Tensor:
     x = t.detach().flatten().double()
     weights = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.float64).remainder_(9973)
-    return tuple(v.item() for v in torch.stack([x.sum(), (x * x).sum(), (x * weights).sum()]))
+    return torch.stack([x.sum(), (x * x).sum(), (x * weights).sum()])
+
+
+def tensor_checksums(tensors: list[torch.Tensor]) -> list[tuple[float, float, float]]:
+    """A cheap value fingerprint of each tensor: (sum, sum of squares, position-weighted sum), in fp64, with one
+    host sync per device for all of them.
+
+    Two tensors that differ in any element almost surely differ in one of the three; used to detect inputs that
+    must be identical across ranks (latents, timestep, text embeddings).
+    """
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    sums: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)] * len(tensors)
+    for indices in by_device.values():
+        values = torch.stack([_checksum_terms(tensors[i]) for i in indices]).tolist()
+        for i, row in zip(indices, values, strict=True):
+            sums[i] = tuple(row)
+    return sums
+
+
+def tensor_checksum(t: torch.Tensor) -> tuple[float, float, float]:
+    """`tensor_checksums` of one tensor."""
+    return tensor_checksums([t])[0]
 
 
 # A caller that checked agreement for a whole transformer forward (the sharding hook of `parallelize`) marks the

@@ -26,7 +26,7 @@ different blocks and deadlock in an all-to-all: with P > 1 the first forward rai
 Failure behaviour (P > 1): inputs of a parallelized transformer must be identical on every SP rank (each rank
 keeps its own shard of the *same* sequence); a rank with other latents, timestep, text embeddings or frame count
 would silently produce a wrong video, or hang in an all-to-all when shapes differ. So once per transformer
-forward the root pre-hook fingerprints every tensor argument (`tensor_checksum`: sum, sum of squares, weighted
+forward the root pre-hook fingerprints every tensor argument (`tensor_checksums`: sum, sum of squares, weighted
 sum; shape and dtype) together with the grid, unpadded length, step, sparsity and attention kind, and calls
 `agree(sp_group, ...)`: one all-gather of two int64 per rank; on a mismatch every rank raises the same
 `ValueError` naming the argument and each rank's value, plus the fix (same generator seed / same inputs on
@@ -79,7 +79,7 @@ from ..distributed.agreement import (
     agreement_enabled,
     enter_checked_region,
     exit_checked_region,
-    tensor_checksum,
+    tensor_checksums,
 )
 from ..distributed.collectives import gather_sequence, padded_length, shard_sequence
 from ..distributed.groups import (
@@ -376,11 +376,12 @@ def _agreement_fields(state: ShardingState, inputs: Mapping[str, Any]) -> dict[s
     arguments, and the per-forward state derived from them."""
     fields: dict[str, Any] = {"grid": state.grid, "original_seq_len": state.original_seq_len, "step": state.step,
                               "sparsity": state.sparsity, "attention": state.attention}
+    tensors = {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+    for (name, value), checksum in zip(tensors.items(), tensor_checksums(list(tensors.values())), strict=True):
+        fields[f"{name}.shape"] = (tuple(value.shape), str(value.dtype).removeprefix("torch."))
+        fields[name] = checksum  # one host sync for all tensor arguments
     for name, value in inputs.items():
-        if isinstance(value, torch.Tensor):
-            fields[f"{name}.shape"] = (tuple(value.shape), str(value.dtype).removeprefix("torch."))
-            fields[name] = tensor_checksum(value)
-        elif value is None or isinstance(value, bool | int | float | str):
+        if value is None or isinstance(value, bool | int | float | str):
             fields[name] = value
     return fields
 
