@@ -6,6 +6,8 @@ Public API:
 - backends: `AttentionBackendEnum`.
 """
 
+import logging
+
 from .attention import AttentionBackendEnum, DistributedAttention, DistributedAttention_VSA, LocalAttention
 from .distributed import (
     SequenceParallelGroups,
@@ -15,6 +17,11 @@ from .distributed import (
 )
 
 __version__ = "0.1.0"
+
+# Our loggers live under diffusers' library logger, so diffusers' own controls
+# (`diffusers.utils.logging.set_verbosity_info()`, its handler) show backend choices too; without diffusers
+# configured, records propagate to the root logger as usual. Nothing of diffusers is imported for this.
+logging.getLogger(__name__).parent = logging.getLogger("diffusers")
 
 __all__ = [
     "LocalAttention",

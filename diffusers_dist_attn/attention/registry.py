@@ -223,6 +223,14 @@ def _select(kind: str, device_type: str, capability: tuple[int, int] | None, dty
     return name
 
 
+def _situation(query: Query) -> str:
+    """`cuda sm_90 torch.bfloat16 head dim 128 (mask, LSE)`: what a choice was made for, in log lines."""
+    device = query.device_type if query.capability is None else f"{query.device_type} sm_{query.capability[0]}{query.capability[1]}"
+    flags = [name for name, on in (("mask", query.has_mask), ("LSE", query.needs_lse), ("text keys", query.extra_keys))
+             if on]
+    return f"{device} {query.dtype} head dim {query.head_dim}" + (f" ({', '.join(flags)})" if flags else "")
+
+
 def _choose(query: Query, request: str | None, from_env: bool, allowed: tuple[str, ...] | None,
             strict: bool) -> str:
     family = None
@@ -237,7 +245,8 @@ def _choose(query: Query, request: str | None, from_env: bool, allowed: tuple[st
         why = f"unknown {query.kind} backend {request!r}; known: {sorted(_REGISTRY[query.kind])}" if row is None \
             else row.why_not(query)
         if why is None:
-            note_once(f"{query.kind} attention: {request} ({'env' if from_env else 'requested'})", False)
+            note_once(f"{query.kind} attention: {request} for {_situation(query)} ({'env' if from_env else 'requested'})",
+                      False)
             return request
         if strict and not from_env:
             raise ValueError(f"{query.kind} attention backend {request!r} was requested but cannot run here: {why}")
@@ -245,7 +254,7 @@ def _choose(query: Query, request: str | None, from_env: bool, allowed: tuple[st
         note_once(f"{query.kind} attention backend {request} requested but {why}; using {fallback.name}", True)
         return fallback.name
     row, reason = _auto(query, family, allowed)
-    note_once(f"{query.kind} attention: {row.name} ({reason})", False)
+    note_once(f"{query.kind} attention: {row.name} for {_situation(query)} ({reason})", False)
     return row.name
 
 
