@@ -152,6 +152,10 @@ class VSAImpl(AttentionImpl):
         return {"grid": grid, "sparsity": sparsity, "topk": topk_for_sparsity(sparsity, num_blocks(grid)),
                 "implementation": implementation}
 
+    def fields(self, options):
+        return {"grid_size": options["grid"], "sparsity": options["sparsity"],
+                "implementation": options["implementation"]}  # topk follows from grid and sparsity
+
     def attend(self, q, k, v, gate, replicated, options):
         layout = tile_layout(options["grid"], q.device)
         extra_k = extra_v = extra_mask = None

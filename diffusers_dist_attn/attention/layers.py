@@ -14,6 +14,7 @@ the attention step itself is a strategy from `impls.py` (dense, ring or VSA).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -132,6 +133,57 @@ class LocalAttention(_AttentionBase):
                                backend=self.backend, supported=self.supported_attention_backends)
 
 
+@dataclass(frozen=True)
+class LayerCall:
+    """One call of a distributed layer, as given: `q, k, v, gate [B, S_loc, H, D]`, replicated q/k/v `[B, L, H, D]`
+    (or Nones), the unpadded length, rotary tables, the replicated key mask `[B, L]`, strategy options."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    replicated: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+    gate: torch.Tensor | None
+    original_seq_len: int | None
+    freqs_cis: RotaryTables | None
+    replicated_mask: torch.Tensor | None
+    options: dict
+
+    @staticmethod
+    def of(q, k, v, replicated, gate, original_seq_len, freqs_cis, replicated_mask, options) -> LayerCall:
+        """The call; an int in the fourth position (FastVideo's current models pass `original_seq_len` there) is
+        taken as `original_seq_len` (a tensor there is `replicated_q`, as the seed API page has it)."""
+        if isinstance(replicated[0], int) and not isinstance(replicated[0], bool):
+            if original_seq_len is not None:
+                raise TypeError("original_seq_len was given twice (fourth positional argument and keyword)")
+            original_seq_len, replicated = replicated[0], (None, *replicated[1:])
+        return LayerCall(q, k, v, replicated, gate, original_seq_len, freqs_cis, replicated_mask, options)
+
+
+@dataclass(frozen=True)
+class CheckedCall:
+    """A validated call: the unpadded length, normalized rotary tables, resolved options, and the fields every
+    rank must agree on."""
+
+    seq_len: int
+    freqs_cis: RotaryTables | None
+    options: dict
+    fields: dict
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The process groups of one call: the whole SP group (agreement), the Ulysses all-to-all group, the ring."""
+
+    sp: dist.ProcessGroup | None
+    ulysses: dist.ProcessGroup | None
+    ring: dist.ProcessGroup | None
+
+    @property
+    def world(self) -> int:
+        """The sequence-parallel degree of this call (Ulysses x ring)."""
+        return group_size(self.ulysses) * group_size(self.ring)
+
+
 class DistributedAttention(_AttentionBase):
     """Ulysses sequence-parallel attention (FastVideo semantics).
 
@@ -187,64 +239,55 @@ class DistributedAttention(_AttentionBase):
         replicated_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`q, k, v [B, S_loc, H, D]` -> `(out [B, S_loc, H, D], replicated_out [B, L, H, D] or None)`."""
-        return self._flow(q, k, v, (replicated_q, replicated_k, replicated_v), None, original_seq_len, freqs_cis,
-                          replicated_mask, {})
+        return self._flow(LayerCall.of(q, k, v, (replicated_q, replicated_k, replicated_v), None, original_seq_len,
+                                       freqs_cis, replicated_mask, {}))
 
-    def _groups(self) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None, dist.ProcessGroup | None]:
-        """`(sp_group, ulysses_group, ring_group)` for this call; the ring only when the strategy can ring."""
+    def _groups(self) -> Groups:
+        """The groups of this call; the ring only when the strategy can ring."""
         group = self.process_group
         if group is SINGLE_PROCESS:
-            return None, None, None
+            return Groups(None, None, None)
         if group is None:
             group = current_groups()
         if group is None or isinstance(group, dist.ProcessGroup):
-            return group, group, None
+            return Groups(group, group, None)
         if group.ring_size > 1 and self.impl.can_ring:
-            return group.sp_group, group.ulysses_group, group.ring_group
-        return group.sp_group, group.sp_group, None
+            return Groups(group.sp_group, group.ulysses_group, group.ring_group)
+        return Groups(group.sp_group, group.sp_group, None)
 
-    def _flow(self, q, k, v, replicated, gate, original_seq_len, freqs_cis, replicated_mask, options):
+    def _flow(self, call: LayerCall) -> tuple[torch.Tensor, torch.Tensor | None]:
         """validate -> agree -> all-to-all -> rotary -> attend -> all-to-all back (see the class docstring)."""
-        if isinstance(replicated[0], int) and not isinstance(replicated[0], bool):
-            # FastVideo's current models pass original_seq_len as the fourth positional argument
-            if original_seq_len is not None:
-                raise TypeError("original_seq_len was given twice (fourth positional argument and keyword)")
-            original_seq_len, replicated = replicated[0], (None, *replicated[1:])
-        sp_group, group, ring = self._groups()
-        ring_world = group_size(ring)
-        world = group_size(group) * ring_world
+        groups = self._groups()
         error, checked = None, None
         try:
-            checked = self._validate(q, k, v, replicated, gate, original_seq_len, freqs_cis, replicated_mask,
-                                     options, world, group_size(group))
+            checked = self._validate(call, groups)
         except (ValueError, TypeError) as exc:
-            if world == 1 or not layer_check_needed():
+            if groups.world == 1 or not layer_check_needed():
                 raise
             error = str(exc)
-        if world > 1 and layer_check_needed():
-            agree(sp_group, {} if checked is None else checked["fields"], where=type(self).__name__, error=error)
-        seq_len, freqs_cis, options = checked["seq_len"], checked["freqs_cis"], checked["options"]
-        with peer_failures(sp_group, type(self).__name__):
-            return self._communicate(q, k, v, replicated, gate, seq_len, freqs_cis, replicated_mask, options,
-                                     group, ring, world)
+        if groups.world > 1 and layer_check_needed():
+            agree(groups.sp, {} if checked is None else checked.fields, where=type(self).__name__, error=error)
+        with peer_failures(groups.sp, type(self).__name__):
+            return self._communicate(call, checked, groups)
 
-    def _validate(self, q, k, v, replicated, gate, original_seq_len, freqs_cis, replicated_mask, options, world,
-                  ulysses) -> dict:
-        """Every check of one call, run on every rank before any collective; returns the resolved arguments
-        and the fields the ranks must agree on."""
-        check_qkv(q, k, v)
+    def _validate(self, call: LayerCall, groups: Groups) -> CheckedCall:
+        """Every check of one call, run on every rank before any collective: the resolved arguments and the
+        fields the ranks must agree on."""
+        q, gate, replicated = call.q, call.gate, call.replicated
+        check_qkv(q, call.k, call.v)
         check_head_dim(q, self.head_size, self.softmax_scale)
         self._check_dropout()
         if gate is not None and (gate.shape != q.shape or gate.dtype != q.dtype or gate.device != q.device):
             raise ValueError(f"gate_compress must match q in shape, dtype and device {tuple(q.shape)}, {q.dtype}; "
                              f"got {tuple(gate.shape)}, {gate.dtype}")
-        check_head_split(q.shape[2], world, ulysses=ulysses, video_sparse=not self.impl.can_ring)
-        has_rep = check_replicated(q, replicated, replicated_mask)
+        check_head_split(q.shape[2], groups.world, ulysses=group_size(groups.ulysses),
+                         video_sparse=not self.impl.can_ring)
+        has_rep = check_replicated(q, replicated, call.replicated_mask)
         if has_rep and self.causal:
             raise ValueError("causal=True cannot be combined with replicated tokens")
-        seq_len = check_seq_len(original_seq_len, q.shape[1], world)
-        options = self.impl.check(seq_len, dict(options))
-        rotary_len = None
+        seq_len = check_seq_len(call.original_seq_len, q.shape[1], groups.world)
+        options = self.impl.check(seq_len, dict(call.options))
+        freqs_cis, rotary_len = call.freqs_cis, None
         if freqs_cis is not None:  # checked here, not after the all-to-all: a rank-local error there would hang peers
             freqs_cis = normalize_rotary_tables(freqs_cis, q.shape[-1])
             rotary_len = freqs_cis[0].shape[1]
@@ -254,22 +297,23 @@ class DistributedAttention(_AttentionBase):
         fields = {
             "q/k/v shape": tuple(q.shape), "dtype": str(q.dtype), "original_seq_len": seq_len,
             "gate_compress": None if gate is None else tuple(gate.shape),
-            "replicated tokens": tuple(replicated[0].shape) if has_rep else None,
-            "replicated_mask": replicated_mask is not None, "rotary tokens": rotary_len,
+            "replicated_q/k/v shape": tuple(replicated[0].shape) if has_rep else None,
+            "replicated_mask": call.replicated_mask is not None, "freqs_cis (rotary) tokens": rotary_len,
             **self.impl.fields(options),
         }
-        return {"seq_len": seq_len, "freqs_cis": freqs_cis, "options": options, "fields": fields}
+        return CheckedCall(seq_len, freqs_cis, options, fields)
 
-    def _communicate(self, q, k, v, replicated, gate, seq_len, freqs_cis, replicated_mask, options, group, ring,
-                     world):
-        num_heads = q.shape[2]
+    def _communicate(self, call: LayerCall, checked: CheckedCall, groups: Groups
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        num_heads, group, ring = call.q.shape[2], groups.ulysses, groups.ring
         ring_world = group_size(ring)
-        tensors = [q, k, v] if gate is None else [q, k, v, gate]
+        tensors = [call.q, call.k, call.v] if call.gate is None else [call.q, call.k, call.v, call.gate]
         # this rank's contiguous token block [start, start + valid) of the unpadded sequence (all of it without ring)
-        block = q.shape[1] * world // ring_world
+        block = call.q.shape[1] * groups.world // ring_world
         start = group_rank(ring) * block
-        valid = min(max(seq_len - start, 0), block)
+        valid = min(max(checked.seq_len - start, 0), block)
         q, k, v, *rest = self._to_heads(tensors, group, valid)
+        freqs_cis = checked.freqs_cis
         if freqs_cis is not None:
             if ring_world > 1:
                 freqs_cis = (freqs_cis[0][:, start:start + valid], freqs_cis[1][:, start:start + valid])
@@ -279,12 +323,12 @@ class DistributedAttention(_AttentionBase):
                 # whole buffer (3x v) alive per layer. A copy of v lets the stale q/k rows go (training memory).
                 v = v.clone()
         rep = None
-        if replicated[0] is not None:
+        if call.replicated[0] is not None:
             first = head_offset(num_heads, group_size(group), group_rank(group))
-            rq, rk, rv = (t[:, :, first:first + q.shape[2]] for t in replicated)
-            rep = Replicated(rq, rk, rv, replicated_mask)
-        impl = self.impl if ring_world == 1 else ring_impl_for(self, q, ring, block, seq_len)
-        out, rep_out = impl.attend(q, k, v, rest[0] if rest else None, rep, options)
+            rq, rk, rv = (t[:, :, first:first + q.shape[2]] for t in call.replicated)
+            rep = Replicated(rq, rk, rv, call.replicated_mask)
+        impl = self.impl if ring_world == 1 else ring_impl_for(self, q, ring, block, checked.seq_len)
+        out, rep_out = impl.attend(q, k, v, rest[0] if rest else None, rep, checked.options)
         if rep_out is not None:
             rep_out = all_gather_heads(rep_out, group, num_heads)
         if block != valid:
@@ -352,5 +396,5 @@ class DistributedAttention_VSA(DistributedAttention):  # noqa: N801 - FastVideo'
         `grid_size=(T, H, W)` with `T*H*W == original_seq_len`, `sparsity` in [0, 1), and `implementation`
         (`cuda`, `triton`, `torch`; default automatic; an explicit one that cannot run raises)."""
         options = {"grid_size": grid_size, "sparsity": sparsity, "implementation": implementation}
-        return self._flow(q, k, v, (replicated_q, replicated_k, replicated_v), gate_compress, original_seq_len,
-                          freqs_cis, replicated_mask, options)
+        return self._flow(LayerCall.of(q, k, v, (replicated_q, replicated_k, replicated_v), gate_compress,
+                                       original_seq_len, freqs_cis, replicated_mask, options))
