@@ -2,11 +2,7 @@
 # One device call: VSA text-path GPU tests, the real-grid VSA benchmark, and the Wan 1.3B 480p/81f transformer
 # forward on one GPU (stock / ours dense / ours VSA 0.875, eager and compiled). Everything goes to $OUT.
 set -u
-export PYTHONUNBUFFERED=1
-OUT="${OUT:-/tmp/gpu_out}"
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl 2>/dev/null
-export PYTHONPATH="$PWD:/tmp/site"
+source benchmarks/gpu_env.sh
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_vsa_text.py tests/gpu/test_tiling_triton.py \
   > "$OUT/gpu_text_tests.log" 2>&1; tail -n 3 "$OUT/gpu_text_tests.log"
 timeout 260 python3 benchmarks/bench_vsa_layer.py --out "$OUT" --tag h200 --sparsity 0.875 > "$OUT/vsa_layer.log" 2>&1

@@ -3,14 +3,9 @@
 # Logs, JUnit XML, JSON and PNG go to $OUT. Carried wheels (diffusers, ftfy) in .carry/whl/ are installed to /tmp/site.
 #   bash benchmarks/run_gpu_session.sh [bench_vsa_layer.py args]
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
-OUT="${OUT:-/tmp/gpu_out}"
-mkdir -p "$OUT"
+source benchmarks/gpu_env.sh
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u +%FT%TZ
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu_info.txt"
-if ls .carry/whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl && export PYTHONPATH="$PWD:/tmp/site"
-fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TEST_TIMEOUT:-330}" python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu --junitxml="$OUT/gpu_tests.xml" \
     --durations=5 > "$OUT/gpu_tests.log" 2>&1
