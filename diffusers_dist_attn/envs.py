@@ -1,4 +1,5 @@
-"""Every environment variable this package reads, in one place.
+"""Every `DIFFUSERS_DIST_ATTN_*` environment variable, in one place (the launchers' `WORLD_SIZE`, `RANK`,
+`LOCAL_RANK`, `LOCAL_WORLD_SIZE` and the toolchains' `TRITON_INTERPRET`, `CUDA_HOME` keep their usual meaning).
 
 Each setting is read when it is used (not at import time), so a test or a benchmark can change it with
 `monkeypatch.setenv` / `os.environ` between calls. Selections that depend on a setting are cached per value

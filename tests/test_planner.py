@@ -18,6 +18,7 @@ def test_degree_errors_name_the_fix():
         plan_degrees(12, 8, ulysses=4, ring=4)
     with pytest.raises(ValueError, match="returns no log-sum-exp.*ring=1"):
         plan_degrees(12, 8, ring=2, can_ring=lse_capable("flash_attn_3"))
+    assert lse_capable("auto") and lse_capable("sdpa_math") and not lse_capable("flash_attn_3")
     with pytest.raises(ValueError, match="video sparse attention.*ring=1"):
         plan_degrees(12, 8, ring=2, full_heads=True)
     with pytest.raises(ValueError, match="must be positive degrees"):

@@ -114,6 +114,8 @@ def _matrix_worker(rank: int, world: int) -> dict[str, Any]:
         try:
             call()
             outcome = ("returned", "")
+        except ValueError as exc:  # RankDisagreementError (the ranks differ) is a ValueError too
+            outcome = ("ValueError", str(exc))
         except Exception as exc:  # noqa: BLE001 - the test inspects the type
             outcome = (type(exc).__name__, str(exc))
         out[name] = {"type": outcome[0], "message": outcome[1], "seconds": time.monotonic() - start,

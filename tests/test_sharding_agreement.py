@@ -119,6 +119,13 @@ def _mismatch_worker(rank: int, world: int) -> dict:
             out["cases"]["plan_misfit"] = (None, time.monotonic() - start)
         except ValueError as exc:
             out["cases"]["plan_misfit"] = (str(exc), time.monotonic() - start)
+        # the same misfit on every rank: the plain error, not the "same inputs on every rank" hint
+        ti2v["timestep"] = torch.full((1, tokens + 1), 700.0)
+        try:
+            _forward(model, ti2v)
+            out["cases"]["plan_misfit_everywhere"] = (None, 0.0)
+        except ValueError as exc:
+            out["cases"]["plan_misfit_everywhere"] = (str(exc), 0.0)
         handle.remove()
     return out
 
@@ -152,6 +159,13 @@ def test_local_validation_error_on_one_rank_raises_on_every_rank(world):
     assert f"bad input on 1 of {world} ranks" in messages[0] and "does not fit" in messages[0], messages[0]
     assert "timestep" in messages[0]
     assert all(res["cases"]["plan_misfit"][1] < RAISE_WITHIN_S for res in results)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_same_error_on_every_rank_is_not_called_a_disagreement(world):
+    messages = [res["cases"]["plan_misfit_everywhere"][0] for res in mismatch_results(world)]
+    assert all(m is not None for m in messages) and len(set(messages)) == 1, messages
+    assert "does not fit" in messages[0] and "same generator seed" not in messages[0], messages[0]
 
 
 @pytest.mark.parametrize("world", [2, 3])

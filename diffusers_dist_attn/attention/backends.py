@@ -276,8 +276,10 @@ class _AttentionWithLse(torch.autograd.Function):
 
 def lse_capable(backend: AttentionBackendEnum | str) -> bool:
     """Whether the dense `backend` returns its log-sum-exp, i.e. can run ring attention (planner's `can_ring`)."""
+    if str(backend).strip().lower() == "auto":
+        return True  # the automatic choice picks a row that returns it
     name = AttentionBackendEnum.parse(backend).value
-    return name in ("torch_sdpa", "auto") or get_backend("dense", name).returns_lse
+    return name == "torch_sdpa" or get_backend("dense", name).returns_lse
 
 
 def dense_attention_with_lse(

@@ -12,9 +12,9 @@ that has the capabilities the caller needs (log-sum-exp for ring attention, extr
 text). A request that cannot run falls back with one warning (`strict=True`: raises instead); the choice and its
 reason are logged once per distinct situation, and `selection_report()` says what each kind last ran.
 
-Selection is pure Python on static properties (device, dtype, head dim, flags) and runs under
-`torch.compiler.assume_constant_result`, so under `torch.compile` it runs once at trace time, without a graph
-break. Modelled on diffusers' `_AttentionBackendRegistry.register(name, constraints=...)`.
+Selection is pure Python on static properties (device, dtype, head dim, flags, environment): a short scan of a
+few rows per call in eager mode; under `torch.compile` it runs once at trace time
+(`torch.compiler.assume_constant_result`), without a graph break. Modelled on diffusers' `_AttentionBackendRegistry.register(name, constraints=...)`.
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ class Backend:
         devices / dtypes / max_head_dim / head_dims / takes_mask / min_capability / max_capability: what inputs
             the kernel can take (None = anything).
         auto_capability: compute capabilities where the automatic choice may pick it (e.g. cuDNN on Hopper).
-        returns_lse / has_backward / extra_keys: capabilities (ring attention needs the LSE; VSA with text needs
-            extra always-on keys).
+        returns_lse / extra_keys: capabilities (ring attention needs the LSE; VSA with text needs extra always-on
+            keys).
         available: `() -> None` when installed and usable, else the reason it is not.
     """
 
@@ -124,7 +124,6 @@ class Backend:
     max_capability: tuple[int, int] | None = None
     auto_capability: tuple[int, ...] | None = None
     returns_lse: bool = False
-    has_backward: bool = True
     extra_keys: bool = False
     available: Callable[[], str | None] = field(default=lambda: None)
 

@@ -30,6 +30,7 @@ from .groups import group_timeout_s
 
 __all__ = [
     "PeerFailureError",
+    "RankDisagreementError",
     "agree",
     "agreement_enabled",
     "enter_checked_region",
@@ -46,9 +47,13 @@ class PeerFailureError(RuntimeError):
     """A collective failed because a peer rank raised, exited or stalled past the group's timeout."""
 
 
+class RankDisagreementError(ValueError):
+    """The ranks passed different values for arguments that must match (not a bad input on some rank)."""
+
+
 def agreement_enabled() -> bool:
     """False when `DIFFUSERS_DIST_ATTN_CHECK_RANKS=0` or while torch.compile traces (a host sync cannot trace)."""
-    return envs.get(envs.CHECK_RANKS) != "0" and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and envs.get_bool(envs.CHECK_RANKS)
 
 
 def fingerprint(fields: Mapping[str, Any]) -> int:
@@ -130,24 +135,25 @@ def agree(group: dist.ProcessGroup | None, fields: Mapping[str, Any], *, where: 
             return
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, (dict(fields), error), group=group)
-    raise ValueError(_disagreement_message(where, everyone))
+    raise _disagreement_error(where, everyone)
 
 
-def _disagreement_message(where: str, everyone: list[tuple[dict[str, Any], str | None]]) -> str:
+def _disagreement_error(where: str, everyone: list[tuple[dict[str, Any], str | None]]) -> ValueError:
     raw = [err for _, err in everyone]
     if all(err is not None for err in raw) and len(set(raw)) == 1:
-        return raw[0]  # the same bad input on every rank: the plain message
+        return ValueError(raw[0])  # the same bad input on every rank: the plain message
     errors = [f"rank {r}: {err}" for r, err in enumerate(raw) if err is not None]
     if errors:
-        return f"{where}: bad input on {len(errors)} of {len(everyone)} ranks; " + "; ".join(errors)
+        return ValueError(f"{where}: bad input on {len(errors)} of {len(everyone)} ranks; " + "; ".join(errors))
     names = sorted({k for fields, _ in everyone for k in fields})
     diffs = []
     for name in names:
         values = [fields.get(name, "<missing>") for fields, _ in everyone]
         if len({repr(v) for v in values}) > 1:
             diffs.append(f"{name} differs: " + ", ".join(f"rank {r}={v!r}" for r, v in enumerate(values)))
-    return (f"{where}: the ranks of the sequence-parallel group must call it with matching arguments, but "
-            + "; ".join(diffs) + ". Pass the same inputs (same seed, shapes and settings) on every rank")
+    return RankDisagreementError(
+        f"{where}: the ranks of the sequence-parallel group must call it with matching arguments, but "
+        + "; ".join(diffs) + ". Pass the same inputs (same seed, shapes and settings) on every rank")
 
 
 def _checksum_terms(t: torch.Tensor) -> torch.Tensor:

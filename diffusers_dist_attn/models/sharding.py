@@ -75,6 +75,7 @@ from torch import nn
 
 from ..attention.validation import check_head_split, check_sparsity
 from ..distributed.agreement import (
+    RankDisagreementError,
     agree,
     agreement_enabled,
     enter_checked_region,
@@ -289,13 +290,15 @@ class StepCounter:
         return getattr(pipeline, "scheduler", None)
 
     def __call__(self, timestep: Any) -> int:
+        index = getattr(self.scheduler, "step_index", None)  # None before the scheduler's first step()
+        if index is not None:
+            return int(index)  # no device sync to read the timestep
         if isinstance(timestep, torch.Tensor | int | float):
             value = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
             if self._last is not None and value != self._last:
                 self._step = 0 if value > self._last else self._step + 1
             self._last = value
-        index = getattr(self.scheduler, "step_index", None)  # None before the scheduler's first step()
-        return int(index) if index is not None else self._step
+        return self._step
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -427,18 +430,19 @@ def _root_pre_hook(plan: ShardingPlan, state: ShardingState, positions: dict[str
     result, fields, local = None, {}, None
     try:
         result, fields = _prepare(plan, state, positions, module, args, kwargs, check)
-    except Exception as exc:  # noqa: BLE001 - every rank must raise it, not only this one (peers would hang)
+    except Exception as exc:  # noqa: BLE001 - every rank must fail with it, not only this one (peers would hang)
         local = exc
     where = f"{plan.name} forward"
     try:
         agree(state.sp_group, fields, where=where,
-              error=None if local is None else (str(local) if isinstance(local, ValueError)
+              error=None if local is None else (str(local) if isinstance(local, ValueError | TypeError)
                                                 else f"{type(local).__name__}: {local}"))
-    except ValueError as exc:
-        message = str(exc)
-        if not message.startswith(f"{where}: bad input on"):  # the ranks disagree (not a local validation error)
-            message = f"{message.rstrip('.')}. {_SAME_INPUTS_HINT}"
-        raise ValueError(message) from local
+    except RankDisagreementError as exc:
+        raise RankDisagreementError(f"{str(exc).rstrip('.')}. {_SAME_INPUTS_HINT}") from local
+    except ValueError:
+        if local is not None and not isinstance(local, ValueError | TypeError):
+            raise local from None  # this rank's own failure (e.g. out of memory) stays what it is; peers got word
+        raise
     return result
 
 
@@ -604,6 +608,10 @@ def parallelize(
     found, pipeline = _transformers_of(pipe_or_transformer, components)
     resolve_sparsity(sparsity, 0)  # validate early (a schedule is validated again at every step)
     num_heads = min(get_plan(model).num_heads(model) for model in found.values())
+    for model in found.values():  # before _resolve_groups, which may create and install process groups
+        plan = get_plan(model)
+        if attention not in plan.attentions:
+            raise ValueError(f"unknown attention {attention!r} for {plan.name}; choose one of {list(plan.attentions)}")
     groups = _resolve_groups(sp, groups, num_heads=num_heads, attention=attention, ulysses=ulysses, ring=ring)
     for name, model in found.items():
         plan = get_plan(model)
@@ -652,7 +660,9 @@ def _apply(handle: ParallelHandle, model: nn.Module, plan: ShardingPlan, state: 
     if undo is not None:
         handle._undo.append(undo)
     region = _Region()
-    hooks = [
+    hooks: list = []
+    handle._undo.append(lambda: [h.remove() for h in hooks])  # registered first: a failure below removes them too
+    hooks += [
         model.register_forward_pre_hook(functools.partial(_root_pre_hook, plan, state, _positions(model), region),
                                         with_kwargs=True),
         # always_call: the checked region ends even when the forward (or a pre-hook) raises
@@ -665,4 +675,3 @@ def _apply(handle: ParallelHandle, model: nn.Module, plan: ShardingPlan, state: 
             hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     hooks.append(model.get_submodule(plan.gather_output).register_forward_hook(
         functools.partial(_gather_hook, plan, state)))
-    handle._undo.append(lambda: [h.remove() for h in hooks])

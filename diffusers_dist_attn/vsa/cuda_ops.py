@@ -29,7 +29,7 @@ _HEAD_DIMS = (64, 128)
 
 
 def _enabled() -> bool:
-    return envs.get(envs.VSA_CUDA) == "1"
+    return envs.get_bool(envs.VSA_CUDA)
 
 
 def is_available() -> bool:
