@@ -40,6 +40,32 @@ PIPELINES: dict[str, str] = {
 REQUIRED_ATTRIBUTES = ("NAME", "DEFAULTS", "build_tiny_pipeline", "load_pipeline", "call_kwargs")
 
 
+def class_name_of(path: Path) -> str | None:
+    """The `_class_name` of a diffusers JSON file, or None when unreadable."""
+    try:
+        return json.loads(path.read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def check_pipeline_folder(path: str | Path, name: str, pipelines: tuple[str, ...], transformer: str) -> Path:
+    """`path` if it is a local diffusers folder of one of `pipelines` with a `transformer` -- checked from its JSON
+    files, no weights read; `ValueError` naming what was found otherwise (`name`: the pipeline, for messages)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"--model {root}: not a directory (expected a local diffusers {name} folder)")
+    pipeline_class = class_name_of(root / "model_index.json")
+    if pipeline_class is None:
+        raise ValueError(f"--model {root}: no readable model_index.json; not a diffusers pipeline folder")
+    if pipeline_class not in pipelines:
+        raise ValueError(f"--model {root}: model_index.json names {pipeline_class!r}; the {name} pipeline needs a "
+                         f"text-to-video {pipelines[0]!r} folder")
+    transformer_class = class_name_of(root / "transformer" / "config.json")
+    if transformer_class != transformer:
+        raise ValueError(f"--model {root}: transformer/config.json names {transformer_class!r}, not {transformer!r}")
+    return root
+
+
 def vae_config_int(path: str | Path | None, key: str, default: int) -> int:
     """A positive int `key` of `path/vae/config.json`, or `default` (no path, no file, no such key)."""
     if path is not None:

@@ -14,7 +14,6 @@ to 256 tokens as in the real pipeline, so the text mask is partly padded.
 from __future__ import annotations
 
 import argparse
-import json
 import string
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from diffusers import HunyuanVideoPipeline
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-from . import vae_config_int
+from . import check_pipeline_folder, class_name_of, vae_config_int
 
 __all__ = [
     "NAME",
@@ -188,13 +187,6 @@ def build_tiny_pipeline(
     return pipe
 
 
-def _class_name(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text()).get("_class_name")
-    except (OSError, ValueError):
-        return None
-
-
 _PIPELINE_CLASSES = ("HunyuanVideoPipeline", "TinyHunyuanVideoPipeline")
 
 
@@ -208,20 +200,7 @@ def temporal_compression(path: str | Path | None = None) -> int:
 def check_folder(path: str | Path) -> Path:
     """`path` if it is a local diffusers HunyuanVideo text-to-video folder -- checked from its JSON files, no
     weights read; `ValueError` naming what was found otherwise."""
-    root = Path(path)
-    if not root.is_dir():
-        raise ValueError(f"--model {root}: not a directory (expected a local diffusers HunyuanVideo folder)")
-    pipeline_class = _class_name(root / "model_index.json")
-    if pipeline_class is None:
-        raise ValueError(f"--model {root}: no readable model_index.json; not a diffusers pipeline folder")
-    if pipeline_class not in _PIPELINE_CLASSES:
-        raise ValueError(f"--model {root}: model_index.json names {pipeline_class!r}; the hunyuan-video pipeline "
-                         "needs a text-to-video 'HunyuanVideoPipeline' folder")
-    transformer_class = _class_name(root / "transformer" / "config.json")
-    if transformer_class != "HunyuanVideoTransformer3DModel":
-        raise ValueError(f"--model {root}: transformer/config.json names {transformer_class!r}, not "
-                         "'HunyuanVideoTransformer3DModel'")
-    return root
+    return check_pipeline_folder(path, "hunyuan-video", _PIPELINE_CLASSES, "HunyuanVideoTransformer3DModel")
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16):
@@ -234,7 +213,7 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     classes = {"HunyuanVideoPipeline": HunyuanVideoPipeline, "TinyHunyuanVideoPipeline": TinyHunyuanVideoPipeline}
     vae = AutoencoderKLHunyuanVideo.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32)
     vae.enable_tiling()
-    return classes[_class_name(root / "model_index.json")].from_pretrained(root, vae=vae, torch_dtype=dtype)
+    return classes[class_name_of(root / "model_index.json")].from_pretrained(root, vae=vae, torch_dtype=dtype)
 
 
 def call_kwargs(args: argparse.Namespace | Any) -> dict[str, Any]:

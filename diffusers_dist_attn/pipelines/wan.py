@@ -9,13 +9,12 @@ scheduler; random weights from a fixed seed, so every process builds the same pi
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import vae_config_int
+from . import check_pipeline_folder, vae_config_int
 
 __all__ = [
     "NAME",
@@ -128,13 +127,6 @@ def cast_keeping_fp32_modules(model: torch.nn.Module, dtype: torch.dtype) -> Non
             param.data = param.data.to(dtype)
 
 
-def _class_name(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text()).get("_class_name")
-    except (OSError, ValueError):
-        return None
-
-
 def temporal_compression(path: str | Path | None = None) -> int:
     """Frames per latent frame of the VAE (`scale_factor_temporal` in `path/vae/config.json`; 4 for the embedded
     VAE and when the folder does not say): `WanPipeline` decodes `4k + 1` frames and rounds other counts down."""
@@ -144,20 +136,7 @@ def temporal_compression(path: str | Path | None = None) -> int:
 def check_folder(path: str | Path) -> Path:
     """`path` if it is a local diffusers Wan text-to-video folder (`WanPipeline`, Wan 2.1 or 2.2) -- checked from
     its JSON files, no weights read; `ValueError` naming what was found otherwise."""
-    root = Path(path)
-    if not root.is_dir():
-        raise ValueError(f"--model {root}: not a directory (expected a local diffusers Wan folder)")
-    pipeline_class = _class_name(root / "model_index.json")
-    if pipeline_class is None:
-        raise ValueError(f"--model {root}: no readable model_index.json; not a diffusers pipeline folder")
-    if pipeline_class != "WanPipeline":
-        raise ValueError(f"--model {root}: model_index.json names {pipeline_class!r}; the wan pipeline needs a "
-                         "text-to-video 'WanPipeline' folder")
-    transformer_class = _class_name(root / "transformer" / "config.json")
-    if transformer_class != "WanTransformer3DModel":
-        raise ValueError(f"--model {root}: transformer/config.json names {transformer_class!r}, "
-                         "not 'WanTransformer3DModel'")
-    return root
+    return check_pipeline_folder(path, "wan", ("WanPipeline",), "WanTransformer3DModel")
 
 
 def load_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16):
