@@ -39,6 +39,8 @@ __all__ = [
     "destroy_sequence_parallel",
     "valid_degrees",
     "current_groups",
+    "launched_world_size",
+    "local_world_size",
     "DEFAULT_TIMEOUT_S",
     "collective_timeout_s",
     "group_timeout_s",
@@ -106,8 +108,17 @@ DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for a stalled peer (glo
 _TIMEOUT_S: float | None = None  # the timeout the current groups were created with (for error messages)
 
 
-def _launched_world_size() -> int:
+def launched_world_size() -> int:
+    """Processes of this job: the initialised default group's size, else the launcher's `WORLD_SIZE` (torchrun,
+    accelerate), else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_world_size() -> int | None:
+    """Processes per node as the launcher says (`LOCAL_WORLD_SIZE`), or None when it does not."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
 
 
 def _timeout(seconds: float | None) -> timedelta:
@@ -122,7 +133,7 @@ def _ensure_process_group(cpu: bool | None, timeout: timedelta) -> None:
     """Initialise the default process group through accelerate when a launcher started us."""
     if dist.is_available() and dist.is_initialized():
         return
-    if _launched_world_size() <= 1:
+    if launched_world_size() <= 1:
         return
     from accelerate import PartialState
 

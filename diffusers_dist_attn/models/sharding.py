@@ -63,7 +63,6 @@ import importlib
 import inspect
 import logging
 import math
-import os
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -88,6 +87,8 @@ from ..distributed.groups import (
     SequenceParallelGroups,
     get_sequence_parallel_groups,
     init_sequence_parallel,
+    launched_world_size,
+    local_world_size,
 )
 from ..distributed.planner import plan_degrees
 from ..vsa.tiling import tile_layout
@@ -511,17 +512,15 @@ def _resolve_groups(
             raise ValueError(f"sp={sp} contradicts the given groups (sp_size {groups.sp_size})")
         return groups
     current = get_sequence_parallel_groups()
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
-        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+    launched = launched_world_size() > 1
     initialised = current.world_size > 1 or not launched  # a launched job whose groups are still the default: no
     if initialised and (sp is None or current.sp_size == int(sp)):
         if (ulysses is None or current.ulysses_size == int(ulysses)) and (ring is None or current.ring_size == int(ring)):
             return current
     if not launched:
         return init_sequence_parallel(sp, ulysses=ulysses, ring=ring)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
-    sp_size = world if sp is None else int(sp)
-    node = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None
+    sp_size = launched_world_size() if sp is None else int(sp)
+    node = local_world_size()
     degrees = plan_degrees(num_heads, sp_size, node, ulysses=ulysses, ring=ring, full_heads=attention == "vsa")
     logger.info("sequence parallel degrees: ulysses %d x ring %d (%s)", degrees.ulysses, degrees.ring, degrees.reason)
     return init_sequence_parallel(sp_size, ulysses=degrees.ulysses, ring=degrees.ring)
