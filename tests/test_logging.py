@@ -25,14 +25,18 @@ def test_diffusers_verbosity_shows_backend_choices():
     diffusers_root = logging.getLogger("diffusers")
     diffusers_root.addHandler(capture)
     before = diffusers_logging.get_verbosity()
+    ours = logging.getLogger("diffusers_dist_attn")
+    our_level = ours.level
+    ours.setLevel(logging.NOTSET)  # not set by the user (e.g. `generate --log-level` in an earlier test): follow diffusers
     try:
         diffusers_logging.set_verbosity_warning()
         select_backend("dense", torch.zeros(1, 1, 1, 24, dtype=torch.float64))  # a situation not seen before
         assert not [r for r in capture.records if r.name.startswith("diffusers_dist_attn")]
         diffusers_logging.set_verbosity_info()
         select_backend("dense", torch.zeros(1, 1, 1, 40, dtype=torch.float64))
-        ours = [r for r in capture.records if r.name.startswith("diffusers_dist_attn")]
-        assert ours and "dense attention: sdpa_flash for cpu torch.float64 head dim 40" in ours[-1].getMessage()
+        records = [r for r in capture.records if r.name.startswith("diffusers_dist_attn")]
+        assert records and "dense attention: sdpa_flash for cpu torch.float64 head dim 40" in records[-1].getMessage()
     finally:
+        ours.setLevel(our_level)
         diffusers_logging.set_verbosity(before)
         diffusers_root.removeHandler(capture)
