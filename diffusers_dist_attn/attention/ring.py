@@ -7,8 +7,9 @@ never gathered. The backward passes the blocks around the ring again, together w
 arrive back at their owner after R steps; each block's gradients use the final output and LSE (as FlashAttention's
 backward does), so they sum to the exact gradients.
 
-Replicated extra keys (e.g. HunyuanVideo text, identical on every ring rank) are attended once, in the local step
-of every rank, and never travel.
+Replicated extra keys (e.g. HunyuanVideo text, identical on every ring rank) are one more block of every rank's
+softmax, attended once and never sent; only that small block carries the key mask, so the video blocks keep the
+flash kernel in forward and backward.
 """
 
 from __future__ import annotations
@@ -43,17 +44,6 @@ def _wait(works: list) -> None:
         work.wait()
 
 
-def _block_keys(kv: torch.Tensor, length: int, extra_k, extra_v, extra_mask, local: bool):
-    """Keys of one step: the block's `length` valid rows (+ the extra keys in the local step) and their mask."""
-    k, v = kv[0, :, :length], kv[1, :, :length]
-    if not local or extra_k is None:
-        return k, v, None
-    mask = None
-    if extra_mask is not None:
-        mask = torch.cat([extra_mask.new_ones(k.shape[0], length), extra_mask], 1)
-    return torch.cat([k, extra_k], 1), torch.cat([v, extra_v], 1), mask
-
-
 def _merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
     """Exact merge of two softmax partials: `out [B, S, H, D]`, `lse [B, H, S]` (either may be -inf)."""
     new = torch.logaddexp(lse, lse_b)
@@ -71,15 +61,20 @@ class _RingAttention(torch.autograd.Function):
         acc = q.dtype if q.dtype == torch.float64 else torch.float32
         out = q.new_zeros(q.shape, dtype=acc)
         lse = q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc)
-        auxes = []
+        aux_extra = None
+        if extra_k is not None and q.shape[1]:  # the extra keys as their own block (only it carries the mask)
+            out_b, lse_b, aux_extra = attention_forward_with_lse(q, extra_k, extra_v, scale, extra_mask, backend)
+            out, lse = _merge(out, lse, out_b.to(acc), lse_b.to(acc))
+        auxes = [aux_extra]
         for step in range(world):
             if step + 1 < world:
                 incoming = torch.empty_like(kv)
                 works = _exchange(kv, incoming, group, _KV_TAG)  # next block in flight during the compute
-            kb, vb, mask = _block_keys(kv, block_lens[(rank - step) % world], extra_k, extra_v, extra_mask, step == 0)
+            length = block_lens[(rank - step) % world]
             aux = None
-            if kb.shape[1] and q.shape[1]:
-                out_b, lse_b, aux = attention_forward_with_lse(q, kb, vb, scale, mask, backend)
+            if length and q.shape[1]:
+                out_b, lse_b, aux = attention_forward_with_lse(q, kv[0, :, :length], kv[1, :, :length], scale, None,
+                                                               backend)
                 out, lse = _merge(out, lse, out_b.to(acc), lse_b.to(acc))
             auxes.append(aux)
             if step + 1 < world:
@@ -98,6 +93,13 @@ class _RingAttention(torch.autograd.Function):
         kv = F.pad(torch.stack([k, v]), (0, 0, 0, 0, 0, width - k.shape[1])).contiguous()
         dq = torch.zeros_like(out)
         d_extra_k = d_extra_v = None
+        if extra_k is not None:
+            d_extra_k, d_extra_v = torch.zeros_like(extra_k), torch.zeros_like(extra_v)
+            if q.shape[1]:
+                dq_b, dk_b, dv_b = attention_backward_with_lse(dout, q, extra_k, extra_v, out, lse, ctx.scale,
+                                                               extra_mask, ctx.backend, ctx.auxes[0])
+                dq += dq_b
+                d_extra_k, d_extra_v = dk_b.to(extra_k.dtype), dv_b.to(extra_v.dtype)
         grad_works: list = []
         grad_in = dout.new_empty(0)
         for step in range(world):
@@ -105,16 +107,14 @@ class _RingAttention(torch.autograd.Function):
                 incoming = torch.empty_like(kv)
                 kv_works = _exchange(kv, incoming, group, _KV_TAG)
             length = block_lens[(rank - step) % world]
-            kb, vb, mask = _block_keys(kv, length, extra_k, extra_v, extra_mask, step == 0)
             dkv = kv.new_zeros(kv.shape, dtype=out.dtype)  # this step's contribution to the held block
-            if kb.shape[1] and q.shape[1]:
+            if length and q.shape[1]:
                 dq_b, dk_b, dv_b = attention_backward_with_lse(
-                    dout, q, kb, vb, out, lse, ctx.scale, mask, ctx.backend, ctx.auxes[step]
+                    dout, q, kv[0, :, :length], kv[1, :, :length], out, lse, ctx.scale, None, ctx.backend,
+                    ctx.auxes[step + 1]
                 )
                 dq += dq_b
-                dkv[0, :, :length], dkv[1, :, :length] = dk_b[:, :length], dv_b[:, :length]
-                if step == 0 and extra_k is not None:
-                    d_extra_k, d_extra_v = dk_b[:, length:].to(extra_k.dtype), dv_b[:, length:].to(extra_v.dtype)
+                dkv[0, :, :length], dkv[1, :, :length] = dk_b, dv_b
             if step:  # add what the previous ranks accumulated for this block, then pass it on
                 _wait(grad_works)
                 dkv += grad_in
@@ -126,8 +126,6 @@ class _RingAttention(torch.autograd.Function):
         _wait(grad_works)  # after R steps every accumulator is back at its owner
         own = block_lens[rank]
         dk, dv = grad_in[0, :, :own].to(k.dtype), grad_in[1, :, :own].to(v.dtype)
-        if extra_k is not None and d_extra_k is None:
-            d_extra_k, d_extra_v = torch.zeros_like(extra_k), torch.zeros_like(extra_v)
         return dq.to(q.dtype), dk, dv, d_extra_k, d_extra_v, None, None, None, None, None
 
 
@@ -166,8 +164,11 @@ def ring_attention(
                          f"k.shape[1] = {k.shape[1]}")
     if world == 1:
         group = None
-    if group is None:  # one block: still through the same kernels (and the same exact merge)
-        kv = torch.stack([k, v])
-        kb, vb, mask = _block_keys(kv, k.shape[1], extra_k, extra_v, extra_mask, True)
-        return dense_attention_with_lse(q, kb, vb, scale, mask, backend=backend)[0]
+    if group is None:  # one block: the same kernels, the extra keys appended
+        keys, values, mask = k, v, None
+        if extra_k is not None:
+            keys, values = torch.cat([k, extra_k], 1), torch.cat([v, extra_v], 1)
+            if extra_mask is not None:
+                mask = torch.cat([extra_mask.new_ones(k.shape[0], k.shape[1]), extra_mask], 1)
+        return dense_attention_with_lse(q, keys, values, scale, mask, backend=backend)[0]
     return _RingAttention.apply(q, k, v, extra_k, extra_v, extra_mask, lens, scale, group, backend)
