@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import resource
-import shutil
 import stat
 import sys
 import tempfile
@@ -50,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from . import envs
+from .atomic import remove_stale_temps, staged, temp_path
 
 ATTENTIONS = ("stock", "dense", "dense-local", "vsa")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -364,17 +364,13 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------
 _STAGED_SUFFIXES = (".mp4", ".gif", ".json")
 # `.STEM.tmp-PID[.mp4|.gif|.json]`: the suffix stays last because imageio / ffmpeg / PIL pick the format from it
-_TEMP_NAME = re.compile(r"\.(?P<stem>.+)\.tmp-(?P<pid>\d+)(?P<suffix>\.mp4|\.gif|\.json)?")
 _FRAME_NAME = re.compile(r"frame_\d{4,}\.png")
 _PROBE = "diffusers-dist-attn-probe"
 
 
 def _temp_path(final: Path, pid: int | None = None) -> Path:
-    """`dir/name.mp4` -> `dir/.name.tmp-PID.mp4` (hidden, same folder so `os.replace` is a rename, suffix kept)."""
-    pid = os.getpid() if pid is None else pid
-    suffix = final.suffix if final.suffix in _STAGED_SUFFIXES else ""
-    stem = final.name[: len(final.name) - len(suffix)]
-    return final.with_name(f".{stem}.tmp-{pid}{suffix}")
+    """`dir/name.mp4` -> `dir/.name.tmp-PID.mp4`; a suffix other than this command's (a png folder) is not kept."""
+    return temp_path(final, pid, keep_suffix=final.suffix in _STAGED_SUFFIXES)
 
 
 def _mp4_available() -> bool:
@@ -415,104 +411,24 @@ def _write_video(frames, path: Path, fmt: str, fps: int) -> None:
         raise ValueError(f"unknown video format {fmt!r}")
 
 
-def _fsync(path: Path) -> None:
-    """Flush `path` (a file, or a folder and the files in it) to disk."""
-    if path.is_dir():
-        for child in path.iterdir():
-            if child.is_file():
-                _fsync(child)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
-    """Rename `tmp` to `final`; without `overwrite` never replace a path that appeared meanwhile."""
-    if overwrite:
-        if final.exists() and not stat.S_ISREG(os.lstat(final).st_mode):
-            raise _LocalUsageError(f"{final} is not a regular file; --overwrite replaces only files this command "
-                                   "writes")
-        os.replace(tmp, final)
-        return
-    if tmp.is_dir():
-        if final.exists() or final.is_symlink():
-            raise _LocalUsageError(f"{final} appeared while generating; not replaced (use another --name)")
-        os.rename(tmp, final)  # a folder: rename never replaces a non-empty folder; `final` was checked just now
-        return
-    try:
-        os.link(tmp, final)  # atomic "create if absent": fails if `final` exists
-    except FileExistsError:
-        raise _LocalUsageError(f"{final} appeared while generating; not replaced (pass --overwrite or another "
-                               "--name)") from None
-    except OSError:  # a file system without hard links: check, then rename
-        if final.exists() or final.is_symlink():
-            raise _LocalUsageError(f"{final} appeared while generating; not replaced (pass --overwrite or another "
-                                   "--name)") from None
-        os.replace(tmp, final)
-        return
-    tmp.unlink()
-
-
 @contextmanager
 def _staged_outputs(final_paths: list[Path], *, overwrite: bool = False) -> Iterator[list[Path]]:
-    """Yield temporary paths next to `final_paths` (same folder, hidden, real suffix kept); on success fsync them
-    and rename them into place in order (put the report last: it then always describes a complete video); on
-    failure delete the temporary paths. Without `overwrite` an existing final path is never replaced."""
-    staged = [_temp_path(p) for p in final_paths]
+    """Temporary paths next to `final_paths` (hidden, this command's suffix kept), published in order on success
+    (`atomic.staged`: put the report last); without `overwrite` an existing final path is never replaced."""
     try:
-        yield staged
-        for tmp in staged:
-            _fsync(tmp)
-        for tmp, final in zip(staged, final_paths, strict=True):
-            _publish(tmp, final, overwrite)
-        for folder in {p.parent for p in final_paths}:
-            _fsync(folder)  # the renames themselves
-    finally:
-        for tmp in staged:
-            if tmp.is_dir() and not tmp.is_symlink():
-                shutil.rmtree(tmp, ignore_errors=True)
-            elif tmp.exists() or tmp.is_symlink():
-                tmp.unlink()
-
-
-def _pid_running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: it exists (another user's)
-        return True
-    return True
+        with staged(final_paths, replace=overwrite, keep_suffix=lambda p: p.suffix in _STAGED_SUFFIXES) as temps:
+            yield temps
+    except FileExistsError as exc:
+        raise _LocalUsageError(f"{exc}: not replaced (pass --overwrite or another --name)") from None
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete this command's temporary outputs in `folder` left by processes that no longer run (killed runs):
-    `.NAME.tmp-PID[.mp4|.gif|.json]` files, and `.NAME.tmp-PID` folders holding only `frame_NNNN.png`. Returns the
-    removed paths. Anything else, and temporaries of running processes, are left alone."""
-    removed = []
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return removed
-    for path in entries:
-        match = _TEMP_NAME.fullmatch(path.name)
-        if match is None or _pid_running(int(match["pid"])) or path.is_symlink():
-            continue
-        try:
-            if path.is_dir():
-                if match["suffix"] or not all(_FRAME_NAME.fullmatch(p.name) and p.is_file() for p in path.iterdir()):
-                    continue
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        except FileNotFoundError:  # another writer of this folder removed it first
-            continue
-        removed.append(path)
-    return removed
+    """Delete this command's temporary outputs left in `folder` by processes that no longer run (killed runs):
+    `.NAME.tmp-PID[.mp4|.gif|.json]` files, and `.NAME.tmp-PID` folders holding only `frame_NNNN.png`."""
+    def frames_only(path: Path) -> bool:
+        return all(_FRAME_NAME.fullmatch(p.name) and p.is_file() for p in path.iterdir())
+
+    return remove_stale_temps(folder, suffixes=_STAGED_SUFFIXES, folder_ok=frames_only)
 
 
 def _prepare_output_dir(out_dir: Path) -> list[Path]:
