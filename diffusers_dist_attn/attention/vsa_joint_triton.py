@@ -20,16 +20,17 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _merge_kernel(
-    OS, LSE2, OT, LSET, OC, G, OUT, FINE, LSE, N, sot_bh, sot_s, slt_bh, slt_s,
+    OS, LSE2, OT, LSET, OC, G, OUT, FINE, LSE, N, H, sot_b, sot_h, sot_s, slt_b, slt_h, slt_s,
     D: tl.constexpr, HAS_GATE: tl.constexpr,
 ):  # fmt: skip
     blk = tl.program_id(0)  # one 64-row VSA block of one (batch, head)
     bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H  # out_t / lse_t keep their own (batch, head) strides: no copy into [B, H, S, D]
     rows = blk * 64 + tl.arange(0, 64)
     cols = tl.arange(0, D)
     s = bh * N * 64 + rows  # row in the flattened contiguous [B*H*64N] layout
     lse_s = tl.load(LSE2 + s) * LN2
-    lse_t = tl.load(LSET + bh * slt_bh + rows * slt_s)
+    lse_t = tl.load(LSET + b * slt_b + h * slt_h + rows * slt_s)
     m = tl.maximum(lse_s, lse_t)
     m = tl.where(m == float("-inf"), 0.0, m)
     ws, wt = tl.exp(lse_s - m), tl.exp(lse_t - m)
@@ -38,7 +39,7 @@ def _merge_kernel(
     ws, wt = ws / total, wt / total
     off = s[:, None] * D + cols[None, :]
     fine = tl.load(OS + off).to(tl.float32) * ws[:, None]
-    text = tl.load(OT + bh * sot_bh + rows[:, None] * sot_s + cols[None, :]).to(tl.float32)
+    text = tl.load(OT + b * sot_b + h * sot_h + rows[:, None] * sot_s + cols[None, :]).to(tl.float32)
     fine += tl.where(wt[:, None] > 0, text * wt[:, None], 0.0)  # a row without valid text keys: out_t unused
     coarse = tl.load(OC + (bh * N + blk) * D + cols)[None, :]
     if HAS_GATE:
@@ -58,12 +59,9 @@ def merge_text(out_s: torch.Tensor, lse2: torch.Tensor, out_t: torch.Tensor, lse
     lse = torch.empty((b, h, s), device=out_s.device, dtype=torch.float32)
     if out_t.stride(-1) != 1:
         out_t = out_t.contiguous()
-    # out_t / lse_t strides of the flattened (batch, head) index and of the row index
-    ot = out_t.reshape(b * h, s, d) if out_t.stride(0) == h * out_t.stride(1) else out_t.contiguous().view(b * h, s, d)
-    lt = lse_t.reshape(b * h, s) if lse_t.stride(0) == h * lse_t.stride(1) else lse_t.contiguous().view(b * h, s)
     _merge_kernel[(n, b * h)](
-        out_s, lse2, ot, lt, out_c.contiguous(), gate if gate is not None else out_s, out, fine, lse, n,
-        ot.stride(0), ot.stride(1), lt.stride(0), lt.stride(1), D=d, HAS_GATE=gate is not None, num_warps=4,
+        out_s, lse2, out_t, lse_t, out_c.contiguous(), gate if gate is not None else out_s, out, fine, lse, n, h,
+        *out_t.stride()[:3], *lse_t.stride(), D=d, HAS_GATE=gate is not None, num_warps=4,
     )
     return out, fine, lse
 
