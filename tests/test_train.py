@@ -152,3 +152,17 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path):
     log = json.loads((tmp_path / "b" / "train_log.json").read_text())
     assert [r["loss"] for r in log["steps"]] == straight
     assert not [p for p in (tmp_path / "b").iterdir() if ".tmp-" in p.name]
+
+
+def test_compiled_blocks_train_the_same(tmp_path):
+    """`--compile` (regional torch.compile of the blocks, fullgraph, after `parallelize`) gives the eager losses,
+    VSA with LoRA + gates and gradient checkpointing."""
+    extra = dict(attention="vsa", train=("lora", "gates"), sparsity=0.5, lora_rank=4, lora_alpha=4, max_steps=2,
+                 synthetic_grid=(3, 16, 16), gradient_checkpointing=True)
+    eager = Trainer(_config(tmp_path / "eager", **extra)).fit().losses
+    trainer = Trainer(_config(tmp_path / "compiled", compile=True, **extra))
+    compiled = trainer.fit().losses
+    assert all(block._compiled_call_impl is not None for block in trainer.model.blocks)
+    assert len(compiled) == len(eager) == 2
+    for got, want in zip(compiled, eager, strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want), (compiled, eager)

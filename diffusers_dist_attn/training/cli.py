@@ -99,6 +99,8 @@ def add_parsers(sub: Any) -> None:
     par.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision,
                      help="bf16: autocast around the transformer forward (fp32 master weights); default: no")
     par.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
+    par.add_argument("--compile", action="store_true",
+                     help="torch.compile the transformer blocks (fullgraph, inductor; first steps compile)")
     par.add_argument("--seed", type=int, default=d.seed,
                      help="data order, noise, sigmas, LoRA init, the embedded weights; default: 0")
     fm = tr.add_argument_group("flow matching")

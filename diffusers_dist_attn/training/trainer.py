@@ -90,6 +90,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    compile: bool = False
     weighting_scheme: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -354,6 +355,9 @@ class Trainer:
         model.train()
         options = {"vsa_implementation": config.vsa_implementation} if config.attention == "vsa" else {}
         self.handle = parallelize(model, attention=config.attention, sparsity=0.0, groups=self.groups, **options)
+        if config.compile:
+            # after parallelize: the compiled blocks trace the sharding hooks and this package's processors
+            model.compile_repeated_blocks(fullgraph=True)
         self.model = model
         params = [p for _, p in self.trainable]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
