@@ -6,7 +6,8 @@ Cases (one GPU, bf16, D 128; H = the heads one GPU holds): Wan 480p 21x30x52 H12
 HunyuanVideo 720p/129f 33x45x80 H6 (a 4-GPU shard) with 256 text tokens (200 valid). Methods, side by side in one
 run: cuDNN dense SDPA over the video tokens (+ all text tokens for HunyuanVideo), our Triton kernel on pre-tiled
 input (`vsa_tiled_triton`), fastvideo-kernel on the same tiled input (when importable), and the public layer
-`DistributedAttention_VSA` (world 1, `[B, S, H, D]` in and out) without and with text. Inputs: `random` (normal)
+`DistributedAttention_VSA` (world 1, `[B, S, H, D]` in and out) on Triton and (`--cuda`) on the compiled sm_90a
+forward (`kernel_cuda` / `layer_cuda`), and with text on the automatic choice. Inputs: `random` (normal)
 and `smooth` (low-frequency fields over (t, h, w) plus noise, so neighbouring tiles select overlapping key
 blocks as real video attention does). Timing: `triton.testing.do_bench` medians (see `bench_vsa.py`); TFLOP/s on
 the computed 64x64 blocks (`4 B H N 64 topk 64 D`, x3.5 for forward+backward). Writes `vsa_layer_<tag>.json` and
@@ -34,7 +35,7 @@ from bench_vsa import FWD_BWD_FACTOR, _time_pair  # noqa: E402
 
 from diffusers_dist_attn import DistributedAttention_VSA  # noqa: E402
 from diffusers_dist_attn.attention import selection_report  # noqa: E402
-from diffusers_dist_attn.vsa import triton_ops  # noqa: E402
+from diffusers_dist_attn.vsa import cuda_ops, triton_ops  # noqa: E402
 from diffusers_dist_attn.vsa.tiling import tile, tile_layout, topk_for_sparsity  # noqa: E402
 
 CASES = [  # name, grid, heads, text tokens (valid)
@@ -120,12 +121,16 @@ def run_case(name, grid, heads, text, kind, sparsity, fastvideo) -> list[dict]:
     tiled = [tile(x, layout) for x in (q, k, v, g)]
     sizes = layout.block_sizes
     add("kernel_triton", lambda q, k, v, g: triton_ops.vsa_tiled_triton(q, k, v, g, sizes, topk), tiled)
+    if CUDA_BUILT:
+        add("kernel_cuda", lambda q, k, v, g: cuda_ops.vsa_tiled_cuda(q, k, v, g, sizes, topk), tiled)
     if fastvideo is not None:
         add("fastvideo_kernel", lambda q, k, v, g: fastvideo(q, k, v, sizes, sizes, topk, (4, 4, 4),
                                                              compress_attn_weight=g), tiled)
     layer = DistributedAttention_VSA(heads, d)
-    add("layer", lambda q, k, v, g: layer(q, k, v, gate_compress=g, grid_size=grid, sparsity=sparsity)[0],
-        [q, k, v, g])
+    for impl in ("triton", "cuda") if CUDA_BUILT else ("triton",):
+        add(f"layer_{impl}", lambda q, k, v, g, impl=impl: layer(q, k, v, gate_compress=g, grid_size=grid,
+                                                                  sparsity=sparsity, implementation=impl)[0],
+            [q, k, v, g])
     if text is not None:
         mask = torch.zeros(1, text_len, dtype=torch.bool, device="cuda")
         mask[:, :text[1]] = True
@@ -139,6 +144,7 @@ def run_case(name, grid, heads, text, kind, sparsity, fastvideo) -> list[dict]:
 
 
 CLI_SPARSITIES = [0.875, 0.9]
+CUDA_BUILT = False  # set by --cuda when the sm_90a extension builds
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -151,7 +157,8 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     sel = [r for r in rows if r["sparsity"] in (CLI_SPARSITIES[0], None) or r["method"] == "cudnn_dense"]
     labels = sorted({(r["case"], r["input"]) for r in sel})
-    methods = ["cudnn_dense", "fastvideo_kernel", "kernel_triton", "layer", "layer_text"]
+    methods = [m for m in ("cudnn_dense", "fastvideo_kernel", "kernel_triton", "kernel_cuda", "layer_triton", "layer_cuda",
+                           "layer_text") if any(r["method"] == m for r in sel)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, key in zip(axes, ("fwd_ms", "fwdbwd_ms"), strict=True):
         width = 0.8 / len(methods)
@@ -169,14 +176,20 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
+    global CUDA_BUILT
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--tag", default="gpu")
     parser.add_argument("--cases", nargs="*", default=[c[0] for c in CASES])
     parser.add_argument("--inputs", nargs="*", default=["random", "smooth"])
     parser.add_argument("--sparsity", type=float, nargs="*", default=CLI_SPARSITIES)
+    parser.add_argument("--cuda", action="store_true", help="also the compiled sm_90a forward (builds it)")
     args = parser.parse_args(argv)
     CLI_SPARSITIES[:] = args.sparsity
+    if args.cuda:
+        os.environ[cuda_ops.ENABLE_ENV] = "1"  # the compiled forward joins the automatic order (and layer_text)
+        CUDA_BUILT = cuda_ops.is_available()
+        print("sm_90a VSA forward:", "built" if CUDA_BUILT else "NOT usable", flush=True)
     fastvideo = _fastvideo()
     rows: list[dict] = []
     for name, grid, heads, text in CASES:

@@ -1,37 +1,34 @@
 #!/usr/bin/env bash
-# One device call (one H100): build the sm_90a VSA forward, locate errors (diag), GPU tests, then the VSA benchmark
-# with the CUDA kernel next to Triton / cuDNN / fastvideo-kernel. If the diag fails it retries once with the V
-# descriptor's LBO/SBO swapped (the suspect named in diffusers_dist_attn/kernels/README.md) and says so. Everything goes to $OUT.
-#   OUT=/tmp/out bash benchmarks/run_gpu_cuda.sh
+# One device call (an H100/H200): build the sm_90a VSA forward, compute-sanitizer (memcheck, synccheck) on one
+# case, the CUDA GPU tests, the fine-stage variant sweep (`sweep_cuda_fwd.py`; SWEEP_ARGS adds variants), then the
+# real-grid VSA benchmark with the compiled forward beside Triton, cuDNN and fastvideo-kernel (s = 0.875 on every
+# grid; S0=1 adds s = 0 on Wan 480p). Everything goes to $OUT.
+#   bash benchmarks/run_gpu_cuda.sh        (TAG=h200 by default)
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD" DIFFUSERS_DIST_ATTN_VSA_CUDA=1 DIFFUSERS_DIST_ATTN_CACHE=/tmp/dda_cache
-OUT="${OUT:-/tmp/cuda_out}"
-mkdir -p "$OUT"
-pack() {  # few files come back from the device: one archive + the main log
-  tar -czf /tmp/cuda_run.tar.gz -C "$OUT" --exclude=cuda.log . && find "$OUT" -mindepth 1 ! -name cuda.log -delete \
-    && mv /tmp/cuda_run.tar.gz "$OUT/"
-}
-trap pack EXIT
+source benchmarks/gpu_env.sh
+export DIFFUSERS_DIST_ATTN_VSA_CUDA=1 DIFFUSERS_DIST_ATTN_CACHE=/tmp/dda_cache
+TAG="${TAG:-h200}"
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/cuda.log"; }
 log "build"
 python3 -m diffusers_dist_attn build-kernels --verbose > "$OUT/build.log" 2>&1; log "build exit $?"; tail -3 "$OUT/build.log"
-timeout 120 python3 benchmarks/diag_vsa_cuda.py 2>&1 | tee -a "$OUT/cuda.log"; diag=${PIPESTATUS[0]}
-if [ "$diag" != 0 ] && [ "${NO_SWAP:-0}" != 1 ]; then
-  log "diag failed ($diag): retry with the V descriptor's LBO/SBO swapped"
-  sed -i 's/make_desc_sw128(v_addr + kk \* 16 \* 128, kHalfBytes, 1024)/make_desc_sw128(v_addr + kk * 16 * 128, 1024, kHalfBytes)/' diffusers_dist_attn/kernels/vsa_fwd_sm90.cu
-  grep -n "desc_v =" diffusers_dist_attn/kernels/vsa_fwd_sm90.cu | tee -a "$OUT/cuda.log"
-  timeout 200 python3 benchmarks/diag_vsa_cuda.py 2>&1 | tee -a "$OUT/cuda.log"; diag=${PIPESTATUS[0]}
-fi
-[ "$diag" != 0 ] && { log "diag still failing ($diag): stop"; exit 1; }
-log "compute-sanitizer"
-timeout 150 compute-sanitizer --tool memcheck python3 -m pytest -x -q -p no:cacheprovider \
-  tests/gpu/test_vsa_cuda.py -k "fine_stage_without_out_s" > "$OUT/sanitizer.log" 2>&1; log "sanitizer exit $?"
-tail -5 "$OUT/sanitizer.log"
-log "tests"
-timeout 300 python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_vsa_cuda.py \
+for tool in memcheck synccheck; do
+  timeout 120 compute-sanitizer --tool $tool python3 -m pytest -x -q -p no:cacheprovider tests/gpu/test_vsa_cuda.py \
+    -k "fine_stage_matches_triton and ragged and 128 and nogate" > "$OUT/sanitizer_$tool.log" 2>&1; log "sanitizer $tool exit $?"
+  grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -2
+done
+timeout 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_vsa_cuda.py tests/gpu/test_vsa_text.py \
   --junitxml="$OUT/vsa_cuda_tests.xml" > "$OUT/vsa_cuda_tests.log" 2>&1; log "tests exit $?"
-tail -15 "$OUT/vsa_cuda_tests.log"
-log "bench"
-OUT="$OUT" SKIP_TESTS=1 TAG="${TAG:-h100_cuda}" bash benchmarks/run_gpu_vsa.sh "$@" 2>&1 | tail -40
-cp diffusers_dist_attn/kernels/vsa_fwd_sm90.cu "$OUT/vsa_fwd_sm90.used.cu"
-log "done"
+grep -E "passed|failed|FAILED|Error" "$OUT/vsa_cuda_tests.log" | tail -15
+if [ "${SKIP_SWEEP:-0}" != 1 ]; then
+  timeout 240 python3 benchmarks/sweep_cuda_fwd.py --out "$OUT" --tag "$TAG" ${SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1
+  log "sweep exit $?"; grep -E "WRONG|failed|^\|" "$OUT/sweep.log"
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  timeout 220 python3 benchmarks/bench_vsa_layer.py --cuda --out "$OUT" --tag "$TAG" --sparsity 0.875 \
+    > "$OUT/vsa_layer.log" 2>&1; log "bench exit $?"
+  if [ "${S0:-0}" = 1 ]; then
+    timeout 100 python3 benchmarks/bench_vsa_layer.py --cuda --out "$OUT" --tag "${TAG}_s0" --cases wan480 \
+      --sparsity 0.0 > "$OUT/vsa_layer_s0.log" 2>&1; log "bench s0 exit $?"
+  fi
+  grep -hE "FAILED|not usable|^\|" "$OUT"/vsa_layer*.log
+fi

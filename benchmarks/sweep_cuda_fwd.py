@@ -1,10 +1,13 @@
-"""Compare compile-time variants of the sm_90a VSA forward on the fine stage alone (GPU).
+"""Compare compile-time variants of the sm_90a VSA forward on the fine stage alone, on a real video grid (GPU).
 
-Each variant is a copy of `diffusers_dist_attn/kernels/` with one `sed` edit, built under its own cache key (the source hash), checked
-against the Triton fine stage (`diag_vsa_cuda.case`), then timed next to Triton's fine stage on the same lists
-(B1 H12 S32768 D128, sparsity 0.875). Prints a table and writes `cuda_fwd_sweep_<tag>.json`.
+Each variant is a copy of `diffusers_dist_attn/kernels/` with one edit (a regex substitution, or a whole
+replacement `.cu` file), built under its own cache key (the source hash), checked against the Triton fine stage on
+the same index lists (out, out_s, LSE), then timed next to it. Grid: Wan 480p 21x30x52, H12, D128, bf16; inputs
+`random` and `smooth` (from `bench_vsa_layer.py`) at sparsity 0.875, and random at 0 (every block). The lists are
+the real coarse top-k of those inputs; the table also gives how much two neighbouring query blocks' lists
+overlap (|A u B| / (|A| + |B|): 0.5 = identical, 1 = disjoint). Writes `cuda_fwd_sweep_<tag>.json`.
 
-    DIFFUSERS_DIST_ATTN_VSA_CUDA=1 python benchmarks/sweep_cuda_fwd.py --out /tmp/out
+    DIFFUSERS_DIST_ATTN_VSA_CUDA=1 python benchmarks/sweep_cuda_fwd.py --out /tmp/out [--variant-file NAME=PATH]
 """
 
 from __future__ import annotations
@@ -23,68 +26,104 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_vsa  # noqa: E402
-import diag_vsa_cuda  # noqa: E402
+import bench_vsa_layer  # noqa: E402
 
 from diffusers_dist_attn.vsa import cuda_build  # noqa: E402
 from diffusers_dist_attn.vsa import triton_kernels as kern  # noqa: E402
+from diffusers_dist_attn.vsa.tiling import tile, tile_layout, topk_for_sparsity  # noqa: E402
 
 KERNELS = cuda_build.packaged_kernels_dir()
-# name -> (pattern, replacement) applied to vsa_fwd_sm90.cu; "base" is the source as committed
-VARIANTS = {
+SOURCE = "vsa_fwd_sm90.cu"
+# name -> None (the source as it is) or (pattern, replacement) applied to vsa_fwd_sm90.cu
+VARIANTS: dict[str, tuple[str, str] | None] = {
     "base": None,
-    "stages3": (r"constexpr int kStages = 2;", "constexpr int kStages = 3;"),
-    "l2_promo_128": (r"CU_TENSOR_MAP_L2_PROMOTION_L2_256B", "CU_TENSOR_MAP_L2_PROMOTION_L2_128B"),
+    "no_pingpong": (r"#define VSA_PINGPONG 1", "#define VSA_PINGPONG 0"),
 }
+GRID, HEADS, D = (21, 30, 52), 12, 128
+INPUTS = (("random", 0.875), ("smooth", 0.875), ("random", 0.0))
 
 
-def _variant_dir(name: str, edit) -> Path:
-    if edit is None:
+def _variant_dir(name: str, edit: tuple[str, str] | None, file: Path | None) -> Path:
+    if edit is None and file is None:
         return KERNELS
     folder = Path(f"/tmp/dda_kernels_{name}")
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(KERNELS, folder)
-    src = folder / "vsa_fwd_sm90.cu"
-    text, count = re.subn(edit[0], edit[1], src.read_text())
-    if count == 0:
-        raise ValueError(f"variant {name}: pattern {edit[0]!r} not found")
-    src.write_text(text)
+    src = folder / SOURCE
+    if file is not None:
+        shutil.copy(file, src)
+    else:
+        text, count = re.subn(edit[0], edit[1], src.read_text())
+        if count == 0:
+            raise ValueError(f"variant {name}: pattern {edit[0]!r} not found")
+        src.write_text(text)
     return folder
+
+
+def _lists(kind: str, sparsity: float) -> dict:
+    layout = tile_layout(GRID, "cuda")
+    q, k, v, g = (tile(x, layout) for x in bench_vsa_layer.make_inputs(kind, GRID, HEADS, D, seed=11))
+    bs = layout.block_sizes
+    topk = topk_for_sparsity(sparsity, layout.num_blocks)
+    qc, kc, vc = kern.block_means(q, k, v, bs)
+    out_c, _, _, idx, num = kern.coarse_select(qc, kc, vc, topk, D**-0.5)
+    n = layout.num_blocks
+    sel = torch.zeros(*idx.shape[:3], n, dtype=torch.bool, device="cuda").scatter_(-1, idx.long(), True)
+    pair_union = (sel[:, :, 0:n - 1:2] | sel[:, :, 1::2]).sum(-1).float()
+    overlap = (pair_union / (2 * topk)).mean().item()
+    return {"q": q, "k": k, "v": v, "g": g, "bs": bs, "out_c": out_c, "idx": idx, "num": num, "topk": topk,
+            "overlap": overlap, "flops": 4.0 * HEADS * n * 64 * topk * 64 * D}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--variant-file", action="append", default=[], metavar="NAME=PATH",
+                        help="a variant whose vsa_fwd_sm90.cu is the file PATH")
     parser.add_argument("--out", type=Path, default=Path("."))
-    parser.add_argument("--tag", default="h100")
+    parser.add_argument("--tag", default="h200")
     args = parser.parse_args()
-    shape, sparsity = (1, 12, 32768, 128), 0.875
-    st = bench_vsa._stage_state(shape, sparsity)
-    q, k, v, g, bs, scale = (st[x] for x in ("q", "k", "v", "g", "bs", "scale"))
-    fine = 4.0 * shape[0] * shape[1] * shape[2] * 64 * st["topk"] * shape[3]
-    rows = {"triton": bench_vsa._median_ms(
-        lambda: kern.sparse_fwd(q, k, v, g, st["out_c"], st["idx"], st["num"], bs, scale, False))}
-    out, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-    for name in args.variants:
-        os.environ[cuda_build.KERNELS_ENV] = str(_variant_dir(name, VARIANTS[name]))
+    files = dict(item.split("=", 1) for item in args.variant_file)
+    cases = {f"{kind} s={s}": _lists(kind, s) for kind, s in INPUTS}
+    scale = D**-0.5
+    rows: dict[str, dict] = {}
+    for case, st in cases.items():
+        fine = (st["q"], st["k"], st["v"], st["g"], st["out_c"], st["idx"], st["num"], st["bs"], scale)
+        rows.setdefault("triton", {})[case] = bench_vsa._median_ms(lambda fine=fine: kern.sparse_fwd(*fine, False))
+    for name in [*args.variants, *files]:
+        os.environ[cuda_build.KERNELS_ENV] = str(_variant_dir(name, VARIANTS.get(name), files.get(name)))
         built = cuda_build.build()
         if built.module is None:
-            print(f"{name}: build failed: {built.reason}")
+            print(f"{name}: build failed: {built.reason}", flush=True)
             continue
         ext = built.module
-        ok = all(diag_vsa_cuda.case(ext, d, n, mk, bh, last)
-                 for d in (64, 128) for n, mk, bh, last in ((12, 5, 3, 40), (7, 7, 2, 8)))
-        ms = bench_vsa._median_ms(
-            lambda ext=ext: ext.sparse_fwd(q, k, v, g, st["out_c"], st["idx"], st["num"], bs, scale, out, None, lse))
-        rows[name] = ms if ok else None
-        print(f"{name}: correct={ok} fine fwd {ms:.3f} ms")
-    table = {name: {"ms": ms, "tflops": None if ms is None else fine / ms / 1e9} for name, ms in rows.items()}
-    print(f"\nfine stage, B1 H12 S32768 D128, sparsity {sparsity}, {torch.cuda.get_device_name()}")
-    for name, r in table.items():
-        print(f"  {name:>14}: {r['ms'] if r['ms'] is None else round(r['ms'], 3)} ms, "
-              f"{r['tflops'] and round(r['tflops'])} TFLOP/s")
+        for case, st in cases.items():
+            fine = (st["q"], st["k"], st["v"], st["g"], st["out_c"], st["idx"], st["num"], st["bs"], scale)
+            want_out, want_lse, want_os = kern.sparse_fwd(*fine, True)
+            out, out_s = torch.full_like(st["q"], float("nan")), torch.full_like(st["q"], float("nan"))
+            lse = torch.full(st["q"].shape[:3], float("nan"), device="cuda")
+            ext.sparse_fwd(*fine, out, out_s, lse)
+            err = max(_rel(out, want_out), _rel(out_s, want_os))
+            lse_err = (lse - want_lse).abs().max().item()
+            ok = err <= 2e-2 and lse_err <= 2e-2
+            ms = bench_vsa._median_ms(lambda ext=ext, fine=fine, out=out, lse=lse: ext.sparse_fwd(*fine, out, None, lse))
+            rows.setdefault(name, {})[case] = ms if ok else None
+            print(f"{name:>12} {case:14s} rel err {err:.2e} lse err {lse_err:.2e} {'ok' if ok else 'WRONG'} "
+                  f"{ms:.3f} ms", flush=True)
+    print(f"\nfine stage, Wan 480p {GRID} H{HEADS} D{D}, {torch.cuda.get_device_name()}: ms (TFLOP/s on computed blocks)")
+    print("| variant | " + " | ".join(f"{c} (overlap {st['overlap']:.2f})" for c, st in cases.items()) + " |")
+    for name, per_case in rows.items():
+        cells = [("WRONG" if ms is None else f"{ms:.3f} ({cases[c]['flops'] / ms / 1e9:.0f})")
+                 for c, ms in per_case.items()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"cuda_fwd_sweep_{args.tag}.json").write_text(json.dumps(
-        {"card": torch.cuda.get_device_name(), "shape": shape, "sparsity": sparsity, "rows": table}, indent=1))
+        {"card": torch.cuda.get_device_name(), "grid": GRID, "heads": HEADS, "head_dim": D,
+         "overlap": {c: st["overlap"] for c, st in cases.items()}, "ms": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,33 @@ def test_fine_stage_matches_triton(ext, d, ragged, with_gate):
     assert torch.isfinite(lse).all() and (lse - want_lse).abs().max().item() <= LSE_ATOL
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_fine_stage_overlapping_unsorted_lists(ext, d):
+    """Neighbouring query blocks (the two consumers of one CTA) whose lists mostly coincide, lists in descending
+    and in mixed order, ragged counts (the consumers' ping-pong turn counts differ), 27 blocks per head x 4 heads
+    (108 tiles; with 2 heads x batch 2 the last CTA's second consumer idles only for odd totals, so also 81 tiles
+    in `CASES`): the CUDA forward equals the Triton fine stage."""
+    from diffusers_dist_attn.vsa import triton_kernels as kern
+
+    q, k, v, g, bs = _inputs((9, 9, 9), 2, 2, d, torch.bfloat16, gate=True, seed=6)
+    b, h, s, _ = q.shape
+    n = s // 64
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    scores = torch.rand(b, h, n, n, device="cuda", generator=gen)
+    scores[:, :, 1::2] = scores[:, :, 0:-1:2] + 0.1 * torch.rand(b, h, n // 2, n, device="cuda", generator=gen)
+    idx = scores.topk(9, dim=-1).indices.to(torch.int32)  # descending score: no index order
+    idx[..., ::2] = idx[..., ::2].flip(-1)
+    idx = idx.contiguous()
+    num = torch.randint(5, 10, (b, h, n), device="cuda", generator=gen, dtype=torch.int32)
+    out_c = torch.randn(b, h, n, d, device="cuda", generator=gen)
+    want_out, want_lse, want_os = kern.sparse_fwd(q, k, v, g, out_c, idx, num, bs, d**-0.5, True)
+    out, out_s, lse = kern.new_output(q.shape, q), kern.new_output(q.shape, q), kern.new_output(q.shape[:3], q, torch.float32)
+    ext.sparse_fwd(q, k, v, g, out_c, idx, num, bs, d**-0.5, out, out_s, lse)
+    torch.cuda.synchronize()
+    assert _rel(out_s, want_os) <= TOL and _rel(out, want_out) <= TOL
+    assert torch.isfinite(lse).all() and (lse - want_lse).abs().max().item() <= LSE_ATOL
+
+
 def test_fine_stage_without_out_s(ext):
     from diffusers_dist_attn.vsa import triton_kernels as kern
 
