@@ -1,43 +1,38 @@
-// Video Sparse Attention, fine-stage FORWARD for Hopper (sm_90a): block-sparse flash attention over 64x64 blocks,
-// with the K/V tiles that two neighbouring query blocks both select loaded once for both.
+// Video Sparse Attention, fine-stage FORWARD for Hopper (sm_90a): block-sparse flash attention over 64x64 blocks.
 //
-// Correctness: tests/gpu/test_vsa_cuda.py; ptxas resources: BUILD_NOTES.md here; speed: benchmarks/NOTES.md.
+// Opt-in (DIFFUSERS_DIST_ATTN_VSA_CUDA=1): it is not faster than the Triton fine stage, because both are bound by
+// the L2 -> SM traffic of gathered K/V tiles (see README.md here). Correctness: tests/gpu/test_vsa_cuda.py;
+// ptxas resources: BUILD_NOTES.md here; speed: benchmarks/NOTES.md.
 //
 // Contract (same as `_fwd_kernel` in diffusers_dist_attn/vsa/triton_kernels.py), per (batch*head bh, query block
 // qb) with S = 64 N tokens per head:
 //   for t < q2k_num[bh, qb]:  kb = q2k_idx[bh, qb, t];  keys/values = rows kb*64 .. kb*64+63 of K[bh], V[bh]
 //   logits = Q_blk K_kb^T * scale, key slots >= block_sizes[kb] masked to -inf; online softmax (base 2)
 //   out_s = softmax(...) V;  out = out_s + out_c[bh, qb, :] (* gate);  lse = m + log2(l) (base 2, of s*scale*log2e)
-// All 64 query rows of a block are computed (pad query rows too, as the Triton kernel does). Key blocks are
-// visited in ascending index order (the softmax does not depend on the order; the lists need not be sorted).
+// All 64 query rows of a block are computed (pad query rows too, as the Triton kernel does).
 //
-// CTA layout (384 threads = 3 warpgroups, one CTA per SM: __launch_bounds__(384, 1)), one CTA per query-block
-// pair (bh, 2j) and (bh, 2j + 1) of one head -- neighbouring cubes, whose lists overlap on real video:
-//   all threads first mark both lists in two shared bitmaps over the N key blocks; the CTA then walks the
-//   *union* of the lists in ascending order (the same walk in every role, `UnionWalk`).
-//   warpgroup 0 = producer: one thread streams both Q tiles and, per union entry, the K/V tile once through TMA
-//                 (cp.async.bulk.tensor, SWIZZLE_128B) into a kStages-deep ring that both consumers read.
+// CTA layout (384 threads = 3 warpgroups, one CTA per SM: __launch_bounds__(384, 1)):
+//   warpgroup 0 = producer: warp c (c < kConsumers), lane 0, streams the Q tile and the listed K/V tiles of
+//                 consumer c through TMA (cp.async.bulk.tensor, SWIZZLE_128B) into a kStages-deep ring.
 //                 setmaxnreg.dec to kProducerRegs registers.
-//   warpgroups 1, 2 = consumers: consumer c owns query block 2j + c (64 rows): S = Q K^T with wgmma m64n64k16
-//                 (A, B from shared memory), online softmax in registers, O += P V with wgmma m64n{D}k16 (P from
-//                 registers, V from shared memory, transposed) -- for the union entries in its own list only.
+//   warpgroups 1, 2 = consumers: each owns one (bh, qb) tile of 64 query rows (tile = blockIdx.x * 2 + c) and its
+//                 own ring; S = Q K^T with wgmma m64n64k16 (A, B from shared memory), online softmax in
+//                 registers, O += P V with wgmma m64n{D}k16 (P from registers, V from shared memory, transposed).
 //                 setmaxnreg.inc to kConsumerRegs registers.
-// Shared memory: Q0, Q1 [64, D] + kStages x (K [64, D] + V [64, D]) in bf16, every [64, D] tile stored as D/64
-// "halves" of [64 rows][64 columns] = 8 KB (128-byte rows, 128B-swizzled by TMA), 1024-byte aligned; then the
-// two bitmaps (N bits each). D = 128: 160 KB of tiles; D = 64: 80 KB.
+// Shared memory per consumer: Q [64, D] + kStages x (K [64, D] + V [64, D]) in bf16; every [64, D] tile is stored
+// as D/64 "halves" of [64 rows][64 columns] = 8 KB (128-byte rows, 128B-swizzled by TMA), 1024-byte aligned.
+// D = 128: 16 KB per tile, 80 KB per consumer, 161 KB per CTA. D = 64: 40 KB per consumer.
 //
-// Synchronisation (all mbarriers, stage s = union position u % kStages, phase (u / kStages) & 1):
-//   q_full[c]    producer expect_tx(Q bytes) + TMA completion            -> consumer c waits (parity 0)
-//   k_full[s]    producer expect_tx(K bytes) + TMA completion            -> every consumer waits, in union order,
-//                                                                          also for entries it skips, so that no
-//                                                                          consumer runs a phase ahead of the ring
-//   v_full[s]    producer expect_tx(V bytes) + TMA completion            -> a consumer that uses the entry waits
-//   empty[s]     256 arrivals: each consumer thread once per union entry, after its P V wgmma retired (or at
-//                once, after k_full, for an entry it skips)              -> producer waits before reusing stage s
+// Synchronisation (all mbarriers, per consumer c and stage s):
+//   q_full[c]      producer expect_tx(Q bytes) + TMA completion          -> consumer waits (parity 0)
+//   k_full[c][s]   producer expect_tx(K bytes) + TMA completion          -> consumer waits before S = Q K^T
+//   v_full[c][s]   producer expect_tx(V bytes) + TMA completion          -> consumer waits before O += P V
+//   empty[c][s]    128 consumer arrivals after their P V wgmma retired  -> producer waits before reusing stage s
 //
-// Not done (in order of expected value): sharing across a 2-CTA cluster with TMA multicast (4 query blocks),
-// intra-warpgroup overlap of softmax with the next S = Q K^T (FA3-style), a persistent grid, TMA stores of O,
-// fp16 inputs, the backward (Triton's is used).
+// Not done yet (TODO, in order of expected value): intra-warpgroup overlap of softmax with the next S = Q K^T
+// (FA3-style two-stage pipelining), a persistent grid with a tile scheduler, TMA stores of O (stmatrix), sharing
+// one K/V tile between two consumers whose lists coincide (the 64-row L2 bottleneck of benchmarks/NOTES.md),
+// fp16 inputs, the backward.
 
 #include <cuda_bf16.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
@@ -49,7 +44,7 @@ namespace vsa_sm90 {
 namespace {
 
 constexpr int kBlock = 64;                   // tokens per block (rows of a tile)
-constexpr int kStages = 4;                   // shared K/V ring depth
+constexpr int kStages = 2;                   // K/V ring depth per consumer
 constexpr int kConsumers = 2;                // consumer warpgroups per CTA (each one query tile)
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kHalfBytes = kBlock * 64 * 2;  // one [64 rows][64 bf16] swizzled half-tile: 8 KB
@@ -61,77 +56,80 @@ template <int D>
 struct Cfg {
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
   static constexpr int kHalves = D / 64;
-  static constexpr int kTileBytes = kHalfBytes * kHalves;                      // one [64, D] bf16 tile
-  static constexpr int kRingOffset = kConsumers * kTileBytes;                  // after Q0, Q1
-  static constexpr int kTilesBytes = kRingOffset + 2 * kStages * kTileBytes;  // + ring of (K, V)
-  static constexpr int kAcc = D / 2;                                          // O: 64 x D fp32 over 128 threads
+  static constexpr int kTileBytes = kHalfBytes * kHalves;            // one [64, D] bf16 tile
+  static constexpr int kConsumerBytes = kTileBytes * (1 + 2 * kStages);  // Q + ring of (K, V)
+  static constexpr int kSmemBytes = kConsumers * kConsumerBytes + 1024;  // + slack to align the base to 1024 B
+  static constexpr int kAcc = D / 2;                                  // O: 64 x D fp32 over 128 threads
 };
 
 struct Barriers {
   uint64_t q_full[kConsumers];
-  uint64_t k_full[kStages];
-  uint64_t v_full[kStages];
-  uint64_t empty[kStages];
+  uint64_t k_full[kConsumers][kStages];
+  uint64_t v_full[kConsumers][kStages];
+  uint64_t empty[kConsumers][kStages];
 };
 
-// The union of the two query blocks' key lists in ascending block order, read from the shared bitmaps
-// `bits[c][word]` (bit b of word w = key block 32 w + b is in consumer c's list). Every role runs the same walk.
-struct UnionWalk {
-  const uint32_t* bits0;
-  const uint32_t* bits1;
-  int words;
-  int word = -1;
-  uint32_t rest = 0;   // union bits of `word` not visited yet
-  uint32_t mine0 = 0;  // consumer 0's bits of `word`
-  uint32_t mine1 = 0;
+// Ping-pong of the two consumers on the tensor cores (FlashAttention-3's warp-scheduler barriers): their GEMM
+// issues alternate strictly (consumer 0's first, then 1's, then 0's ...), so one consumer's softmax runs while the
+// other's GEMM does. Consumer c issues 2 num_c GEMMs ("turns": S = Q K^T, then O += P V, per listed key block);
+// turn k (from 1) of consumer c waits on named barrier 1 + c for the other's hand-over and then hands over on
+// 1 + (1 - c), each only while the other still has a turn that pairs with it, so lists of different lengths (and
+// an idle consumer) neither deadlock nor leave a barrier half-arrived.
+#ifndef VSA_PINGPONG
+#define VSA_PINGPONG 1
+#endif
+struct TurnSchedule {
+  int c;           // this consumer
+  int own_turns;   // 2 * own list length
+  int other_turns; // 2 * the other consumer's list length
+  int k = 0;       // turns taken
 
-  // Next entry: false at the end; else `block` and `users` (bit c: consumer c's list has it).
-  __device__ __forceinline__ bool next(int& block, uint32_t& users) {
-    while (rest == 0) {
-      if (++word >= words) return false;
-      mine0 = bits0[word];
-      mine1 = bits1[word];
-      rest = mine0 | mine1;
-    }
-    const int bit = __ffs(rest) - 1;
-    rest &= rest - 1;
-    block = word * 32 + bit;
-    users = ((mine0 >> bit) & 1u) | (((mine1 >> bit) & 1u) << 1);
-    return true;
+  static constexpr int kBarThreads = 256;  // both consumer warpgroups
+  __device__ __forceinline__ void start() const {  // consumer 1 lets consumer 0 take the first turn
+    if (VSA_PINGPONG && c == 1 && other_turns > 0) named_bar_arrive(1, kBarThreads);
+  }
+  __device__ __forceinline__ void begin_turn() {  // before issuing a GEMM
+    ++k;
+    const bool paired = c == 0 ? (k == 1 || k - 1 <= other_turns) : k <= other_turns;
+    if (VSA_PINGPONG && paired) named_bar_sync(1 + c, kBarThreads);
+  }
+  __device__ __forceinline__ void end_turn() const {  // after committing it
+    const bool paired = c == 0 ? k <= other_turns : k + 1 <= other_turns;
+    if (VSA_PINGPONG && paired) named_bar_arrive(2 - c, kBarThreads);
   }
 };
 
 // ---------------------------------------------------------------------------------------------------------------
-// producer: one thread issues all TMA loads of the CTA
+// producer: one thread per consumer issues all TMA loads of that consumer's tile
 // ---------------------------------------------------------------------------------------------------------------
 template <int D>
 __device__ __forceinline__ void produce(const CUtensorMap* tm_q, const CUtensorMap* tm_k, const CUtensorMap* tm_v,
-                                        const FwdArgs& p, Barriers& bars, uint8_t* smem, UnionWalk walk, int bh,
-                                        int qb0) {
+                                        const FwdArgs& p, Barriers& bars, uint8_t* ring, int c, int tile) {
   using C = Cfg<D>;
-  const int row_base = bh * p.n * kBlock;  // first row of this head in the [BH*S, D] view (host: BH*S < 2^31)
-  for (int c = 0; c < kConsumers && qb0 + c < p.n; ++c) {
-    mbar_arrive_expect_tx(&bars.q_full[c], C::kTileBytes);
+  const int bh = tile / p.n;  // 32-bit: the host checks BH * S < 2^31 (TMA coordinates are int32 anyway)
+  const int qb = tile - bh * p.n;
+  const int row_base = bh * p.n * kBlock;  // first row of this head in the [BH*S, D] view
+  // Q: D/64 boxes of [64 rows, 64 columns]
+  mbar_arrive_expect_tx(&bars.q_full[c], C::kTileBytes);
 #pragma unroll
-    for (int h = 0; h < C::kHalves; ++h)
-      tma_load_2d(smem + c * C::kTileBytes + h * kHalfBytes, tm_q, &bars.q_full[c], h * 64,
-                  row_base + (qb0 + c) * kBlock);
-  }
-  int block;
-  uint32_t users;
-  for (int u = 0; walk.next(block, users); ++u) {
-    const int s = u % kStages;
-    const uint32_t phase = (u / kStages) & 1;
-    const int row = row_base + block * kBlock;
-    uint8_t* k_dst = smem + C::kRingOffset + C::kTileBytes * (2 * s);
+  for (int h = 0; h < C::kHalves; ++h)
+    tma_load_2d(ring + h * kHalfBytes, tm_q, &bars.q_full[c], h * 64, row_base + qb * kBlock);
+
+  const int32_t* list = p.q2k_idx + static_cast<int64_t>(tile) * p.maxk;
+  const int num = p.q2k_num[tile];
+  for (int t = 0; t < num; ++t) {
+    const int s = t % kStages;
+    const uint32_t phase = (t / kStages) & 1;
+    const int row = row_base + list[t] * kBlock;
+    uint8_t* k_dst = ring + C::kTileBytes * (1 + 2 * s);
     uint8_t* v_dst = k_dst + C::kTileBytes;
-    mbar_wait(&bars.empty[s], phase ^ 1);  // first pass through the ring: returns at once
-    mbar_arrive_expect_tx(&bars.k_full[s], C::kTileBytes);
+    mbar_wait(&bars.empty[c][s], phase ^ 1);  // first pass through the ring: returns at once
+    mbar_arrive_expect_tx(&bars.k_full[c][s], C::kTileBytes);
 #pragma unroll
-    for (int h = 0; h < C::kHalves; ++h) tma_load_2d(k_dst + h * kHalfBytes, tm_k, &bars.k_full[s], h * 64, row);
-    mbar_arrive_expect_tx(&bars.v_full[s], C::kTileBytes);
+    for (int h = 0; h < C::kHalves; ++h) tma_load_2d(k_dst + h * kHalfBytes, tm_k, &bars.k_full[c][s], h * 64, row);
+    mbar_arrive_expect_tx(&bars.v_full[c][s], C::kTileBytes);
 #pragma unroll
-    for (int h = 0; h < C::kHalves; ++h) tma_load_2d(v_dst + h * kHalfBytes, tm_v, &bars.v_full[s], h * 64, row);
+    for (int h = 0; h < C::kHalves; ++h) tma_load_2d(v_dst + h * kHalfBytes, tm_v, &bars.v_full[c][s], h * 64, row);
   }
 }
 
@@ -141,21 +139,22 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// consumer: one warpgroup, one 64-row query tile (or none: `tile` < 0 only keeps the ring's arrivals going)
+// consumer: one warpgroup, one 64-row query tile
 // ---------------------------------------------------------------------------------------------------------------
 // Accumulator fragment of wgmma m64nNk16 (fp32) for thread tid of the warpgroup (warp w = tid / 32, lane l):
 //   d[j8 * 4 + i * 2 + e]  =  D[row = 16 w + l / 4 + 8 i][col = 8 j8 + 2 (l % 4) + e],  i, e in {0, 1}
 // so each thread holds 2 rows (r0, r0 + 8) and each row is spread over the 4 lanes of a quad.
 template <int D>
-__device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_t* smem, UnionWalk walk, int c,
-                                        int tile, int tid) {
+__device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_t* ring, int c, int tile,
+                                        int tid, TurnSchedule turns) {
   using C = Cfg<D>;
   const int warp = tid / 32, lane = tid % 32;
   const int r0 = warp * 16 + lane / 4;
   const int cq = (lane % 4) * 2;
   const float qk_scale = p.scale * kLog2e;
-  const uint32_t q_addr = smem_u32(smem + c * C::kTileBytes);
-  const uint32_t ring_addr = smem_u32(smem + C::kRingOffset);
+  const int32_t* list = p.q2k_idx + static_cast<int64_t>(tile) * p.maxk;
+  const int num = p.q2k_num[tile];
+  const uint32_t q_addr = smem_u32(ring);
 
   float o[C::kAcc];
 #pragma unroll
@@ -163,23 +162,19 @@ __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.f, 0.f};  // per-thread partial row sums (reduced over the quad at the end)
 
-  if (tile >= 0) mbar_wait(&bars.q_full[c], 0);
-  int block;
-  uint32_t users;
-  for (int u = 0; walk.next(block, users); ++u) {
-    const int s = u % kStages;
-    const uint32_t phase = (u / kStages) & 1;
-    mbar_wait(&bars.k_full[s], phase);
-    if (!((users >> c) & 1u)) {  // the other consumer's entry: release the stage at once
-      mbar_arrive(&bars.empty[s]);
-      continue;
-    }
-    const int valid = p.block_sizes[block];  // real keys in this key block
-    const uint32_t k_addr = ring_addr + C::kTileBytes * (2 * s);
+  mbar_wait(&bars.q_full[c], 0);
+  turns.start();
+  for (int t = 0; t < num; ++t) {
+    const int s = t % kStages;
+    const uint32_t phase = (t / kStages) & 1;
+    const int valid = p.block_sizes[list[t]];  // real keys in this key block
+    const uint32_t k_addr = q_addr + C::kTileBytes * (1 + 2 * s);
     const uint32_t v_addr = k_addr + C::kTileBytes;
 
     // ---- S[64 x 64] = Q[64 x D] K^T: D/16 k-steps; step kk reads columns 16 kk.. of half kk / 4
     float sc[32];
+    mbar_wait(&bars.k_full[c][s], phase);
+    turns.begin_turn();
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -188,6 +183,7 @@ __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_
                          kk > 0);
     }
     wgmma_commit();
+    turns.end_turn();
     wgmma_wait<0>();
     fence_regs(sc);
 
@@ -241,8 +237,9 @@ __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_
     }
 
     // ---- O[64 x D] += P[64 x 64] V[64 x D]: 4 k-steps of 16 keys = 16 rows (2 KB) of each V half
-    mbar_wait(&bars.v_full[s], phase);
+    mbar_wait(&bars.v_full[c][s], phase);
     fence_regs(o);
+    turns.begin_turn();
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
@@ -253,11 +250,11 @@ __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_
         wgmma_rs_m64n64k16_tB(o, a[kk], desc_v, 1);
     }
     wgmma_commit();
+    turns.end_turn();
     wgmma_wait<0>();
     fence_regs(o);
-    mbar_arrive(&bars.empty[s]);  // this thread no longer reads stage s
+    mbar_arrive(&bars.empty[c][s]);  // this thread no longer reads stage s
   }
-  if (tile < 0) return;
 
   // ---- epilogue: out_s = O / l; out = out_s + out_c (* gate); lse = m + log2(l)
   const int row_first = tile * kBlock;  // first row of the tile in the [BH*S, D] view (tile = bh * N + qb)
@@ -294,8 +291,8 @@ __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_
   }
 }
 
-// grid: BH * ceil(N / 2) CTAs of kThreads, CTA x -> head x / ceil(N / 2), query blocks 2 (x % ceil(N / 2)) + {0, 1};
-// consecutive CTAs take consecutive query blocks of one head, so their K/V tiles tend to be L2-resident together.
+// grid: ceil(BH * N / kConsumers) CTAs of kThreads; consecutive CTAs take consecutive query blocks of one head,
+// so their K/V tiles tend to be L2-resident together.
 template <int D>
 __global__ void __launch_bounds__(kThreads, 1)
     vsa_fwd_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
@@ -304,46 +301,42 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   __shared__ Barriers bars;
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  uint32_t* bits = reinterpret_cast<uint32_t*>(smem + C::kTilesBytes);  // [kConsumers][words]
-  const int words = (p.n + 31) / 32;
-  const int pairs = (p.n + 1) / 2;
-  const int bh = static_cast<int>(blockIdx.x) / pairs;
-  const int qb0 = (static_cast<int>(blockIdx.x) - bh * pairs) * 2;
   const int wg = threadIdx.x / 128;
   const int tid = threadIdx.x % 128;
+  const int tiles = static_cast<int>(p.bh) * p.n;
 
   if (threadIdx.x == 0) {
-    for (int c = 0; c < kConsumers; ++c) mbar_init(&bars.q_full[c], 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(&bars.k_full[s], 1);
-      mbar_init(&bars.v_full[s], 1);
-      mbar_init(&bars.empty[s], 128 * kConsumers);
+    for (int c = 0; c < kConsumers; ++c) {
+      mbar_init(&bars.q_full[c], 1);
+      for (int s = 0; s < kStages; ++s) {
+        mbar_init(&bars.k_full[c][s], 1);
+        mbar_init(&bars.v_full[c][s], 1);
+        mbar_init(&bars.empty[c][s], 128);
+      }
     }
     mbar_fence_init();
     tma_prefetch_desc(&tm_q);
     tma_prefetch_desc(&tm_k);
     tma_prefetch_desc(&tm_v);
   }
-  for (int i = threadIdx.x; i < kConsumers * words; i += kThreads) bits[i] = 0u;
   __syncthreads();
-  for (int i = threadIdx.x; i < kConsumers * p.maxk; i += kThreads) {
-    const int c = i / p.maxk, t = i - c * p.maxk;
-    const int tile = bh * p.n + qb0 + c;
-    if (qb0 + c < p.n && t < p.q2k_num[tile]) {
-      const int block = p.q2k_idx[static_cast<int64_t>(tile) * p.maxk + t];
-      atomicOr(&bits[c * words + block / 32], 1u << (block % 32));
-    }
-  }
-  __syncthreads();
-  const UnionWalk walk{bits, bits + words, words};
 
   if (wg == 0) {
     regs_dealloc<kProducerRegs>();
-    if (tid == 0) produce<D>(&tm_q, &tm_k, &tm_v, p, bars, smem, walk, bh, qb0);
+    const int c = tid / 32;  // warp c of the producer warpgroup feeds consumer c
+    const int tile = static_cast<int>(blockIdx.x) * kConsumers + c;
+    if (c < kConsumers && tid % 32 == 0 && tile < tiles)
+      produce<D>(&tm_q, &tm_k, &tm_v, p, bars, smem + c * C::kConsumerBytes, c, tile);
   } else {
     regs_alloc<kConsumerRegs>();
     const int c = wg - 1;
-    consume<D>(p, bars, smem, walk, c, qb0 + c < p.n ? bh * p.n + qb0 + c : -1, tid);
+    const int tile = static_cast<int>(blockIdx.x) * kConsumers + c;
+    const int other = static_cast<int>(blockIdx.x) * kConsumers + (1 - c);
+    const TurnSchedule turns{c, tile < tiles ? 2 * p.q2k_num[tile] : 0, other < tiles ? 2 * p.q2k_num[other] : 0};
+    if (tile < tiles)
+      consume<D>(p, bars, smem + c * C::kConsumerBytes, c, tile, tid, turns);
+    else
+      turns.start();  // an idle consumer 1 still hands consumer 0 its first turn
   }
 }
 
@@ -383,13 +376,12 @@ cudaError_t launch(const FwdArgs& a, cudaStream_t stream) {
   CUtensorMap tm_q, tm_k, tm_v;
   if (!make_map(&tm_q, a.q, rows, D) || !make_map(&tm_k, a.k, rows, D) || !make_map(&tm_v, a.v, rows, D))
     return encode_fn() == nullptr ? cudaErrorNotSupported : cudaErrorInvalidValue;
-  // tiles + the two bitmaps + slack to align the base to 1024 B (the 128-byte swizzle); Hopper allows 227 KB
-  const int smem_bytes = C::kTilesBytes + kConsumers * ((a.n + 31) / 32) * 4 + 1024;
-  if (smem_bytes > 227 * 1024) return cudaErrorInvalidValue;
-  cudaError_t err = cudaFuncSetAttribute(vsa_fwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  cudaError_t err = cudaFuncSetAttribute(vsa_fwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int64_t ctas = a.bh * ((a.n + 1) / 2);
-  vsa_fwd_kernel<D><<<static_cast<unsigned>(ctas), kThreads, smem_bytes, stream>>>(tm_q, tm_k, tm_v, a);
+  const int64_t tiles = a.bh * a.n;
+  const unsigned grid = static_cast<unsigned>((tiles + kConsumers - 1) / kConsumers);
+  vsa_fwd_kernel<D><<<grid, kThreads, C::kSmemBytes, stream>>>(tm_q, tm_k, tm_v, a);
   return cudaGetLastError();
 }
 
