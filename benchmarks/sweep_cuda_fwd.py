@@ -37,7 +37,7 @@ SOURCE = "vsa_fwd_sm90.cu"
 # name -> None (the source as it is) or (pattern, replacement) applied to vsa_fwd_sm90.cu
 VARIANTS: dict[str, tuple[str, str] | None] = {
     "base": None,
-    "no_pingpong": (r"#define VSA_PINGPONG 1", "#define VSA_PINGPONG 0"),
+    "stages2": (r"constexpr int kStages = 3;", "constexpr int kStages = 2;"),
 }
 GRID, HEADS, D = (21, 30, 52), 12, 128
 INPUTS = (("random", 0.875), ("smooth", 0.875), ("random", 0.0))

@@ -165,14 +165,6 @@ __device__ __forceinline__ void wgmma_rs_m64n128k16_tB(float (&d)[64], const uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
-// Named barriers (ids 1..15; 0 is __syncthreads). `count` threads in all, a multiple of 32; a warp counts 32.
-__device__ __forceinline__ void named_bar_sync(int id, int count) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ void named_bar_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-
 // Register budget hints (sm_90a; effective only with a register cap at kernel entry, i.e. __launch_bounds__(T, 1)).
 template <int N>
 __device__ __forceinline__ void regs_dealloc() {

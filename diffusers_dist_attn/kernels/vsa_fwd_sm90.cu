@@ -1,8 +1,9 @@
 // Video Sparse Attention, fine-stage FORWARD for Hopper (sm_90a): block-sparse flash attention over 64x64 blocks.
 //
-// Opt-in (DIFFUSERS_DIST_ATTN_VSA_CUDA=1): it is not faster than the Triton fine stage, because both are bound by
-// the L2 -> SM traffic of gathered K/V tiles (see README.md here). Correctness: tests/gpu/test_vsa_cuda.py;
-// ptxas resources: BUILD_NOTES.md here; speed: benchmarks/NOTES.md.
+// Opt-in (DIFFUSERS_DIST_ATTN_VSA_CUDA=1): on one H200 it is 10% faster than the Triton fine stage with every
+// block selected and within +-4% of it at sparsity 0.875 (slower on Wan 480p, faster on HunyuanVideo), so it is
+// not the default (see README.md here). Correctness: tests/gpu/test_vsa_cuda.py; ptxas resources: BUILD_NOTES.md
+// here; speed: benchmarks/NOTES.md.
 //
 // Contract (same as `_fwd_kernel` in diffusers_dist_attn/vsa/triton_kernels.py), per (batch*head bh, query block
 // qb) with S = 64 N tokens per head:
@@ -17,11 +18,12 @@
 //                 setmaxnreg.dec to kProducerRegs registers.
 //   warpgroups 1, 2 = consumers: each owns one (bh, qb) tile of 64 query rows (tile = blockIdx.x * 2 + c) and its
 //                 own ring; S = Q K^T with wgmma m64n64k16 (A, B from shared memory), online softmax in
-//                 registers, O += P V with wgmma m64n{D}k16 (P from registers, V from shared memory, transposed).
-//                 setmaxnreg.inc to kConsumerRegs registers.
+//                 registers, O += P V with wgmma m64n{D}k16 (P from registers, V from shared memory, transposed),
+//                 software-pipelined so that P_{t-1} V_{t-1} runs during the softmax of S_t (FA3's intra-warpgroup
+//                 overlap). setmaxnreg.inc to kConsumerRegs registers.
 // Shared memory per consumer: Q [64, D] + kStages x (K [64, D] + V [64, D]) in bf16; every [64, D] tile is stored
 // as D/64 "halves" of [64 rows][64 columns] = 8 KB (128-byte rows, 128B-swizzled by TMA), 1024-byte aligned.
-// D = 128: 16 KB per tile, 80 KB per consumer, 161 KB per CTA. D = 64: 40 KB per consumer.
+// D = 128: 16 KB per tile, 112 KB per consumer, 225 KB per CTA. D = 64: 56 KB per consumer.
 //
 // Synchronisation (all mbarriers, per consumer c and stage s):
 //   q_full[c]      producer expect_tx(Q bytes) + TMA completion          -> consumer waits (parity 0)
@@ -29,10 +31,10 @@
 //   v_full[c][s]   producer expect_tx(V bytes) + TMA completion          -> consumer waits before O += P V
 //   empty[c][s]    128 consumer arrivals after their P V wgmma retired  -> producer waits before reusing stage s
 //
-// Not done yet (TODO, in order of expected value): intra-warpgroup overlap of softmax with the next S = Q K^T
-// (FA3-style two-stage pipelining), a persistent grid with a tile scheduler, TMA stores of O (stmatrix), sharing
-// one K/V tile between two consumers whose lists coincide (the 64-row L2 bottleneck of benchmarks/NOTES.md),
-// fp16 inputs, the backward.
+// Measured and not kept (benchmarks/NOTES.md, git history): one K/V ring shared by both consumers over the union
+// of their lists (slower: the consumers run in lockstep), FA3's inter-warpgroup ping-pong of the GEMM issues
+// (slower without more overlap to gain). Not done: a persistent grid, TMA stores of O (stmatrix), skipping the
+// pad rows of partial tiles, fp16 inputs, the backward (Triton's is used).
 
 #include <cuda_bf16.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
@@ -44,7 +46,7 @@ namespace vsa_sm90 {
 namespace {
 
 constexpr int kBlock = 64;                   // tokens per block (rows of a tile)
-constexpr int kStages = 2;                   // K/V ring depth per consumer
+constexpr int kStages = 3;                   // K/V ring depth per consumer (two stages are held by the pipeline)
 constexpr int kConsumers = 2;                // consumer warpgroups per CTA (each one query tile)
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kHalfBytes = kBlock * 64 * 2;  // one [64 rows][64 bf16] swizzled half-tile: 8 KB
@@ -67,36 +69,6 @@ struct Barriers {
   uint64_t k_full[kConsumers][kStages];
   uint64_t v_full[kConsumers][kStages];
   uint64_t empty[kConsumers][kStages];
-};
-
-// Ping-pong of the two consumers on the tensor cores (FlashAttention-3's warp-scheduler barriers): their GEMM
-// issues alternate strictly (consumer 0's first, then 1's, then 0's ...), so one consumer's softmax runs while the
-// other's GEMM does. Consumer c issues 2 num_c GEMMs ("turns": S = Q K^T, then O += P V, per listed key block);
-// turn k (from 1) of consumer c waits on named barrier 1 + c for the other's hand-over and then hands over on
-// 1 + (1 - c), each only while the other still has a turn that pairs with it, so lists of different lengths (and
-// an idle consumer) neither deadlock nor leave a barrier half-arrived.
-#ifndef VSA_PINGPONG
-#define VSA_PINGPONG 1
-#endif
-struct TurnSchedule {
-  int c;           // this consumer
-  int own_turns;   // 2 * own list length
-  int other_turns; // 2 * the other consumer's list length
-  int k = 0;       // turns taken
-
-  static constexpr int kBarThreads = 256;  // both consumer warpgroups
-  __device__ __forceinline__ void start() const {  // consumer 1 lets consumer 0 take the first turn
-    if (VSA_PINGPONG && c == 1 && other_turns > 0) named_bar_arrive(1, kBarThreads);
-  }
-  __device__ __forceinline__ void begin_turn() {  // before issuing a GEMM
-    ++k;
-    const bool paired = c == 0 ? (k == 1 || k - 1 <= other_turns) : k <= other_turns;
-    if (VSA_PINGPONG && paired) named_bar_sync(1 + c, kBarThreads);
-  }
-  __device__ __forceinline__ void end_turn() const {  // after committing it
-    const bool paired = c == 0 ? k <= other_turns : k + 1 <= other_turns;
-    if (VSA_PINGPONG && paired) named_bar_arrive(2 - c, kBarThreads);
-  }
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -146,7 +118,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 // so each thread holds 2 rows (r0, r0 + 8) and each row is spread over the 4 lanes of a quad.
 template <int D>
 __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_t* ring, int c, int tile,
-                                        int tid, TurnSchedule turns) {
+                                        int tid) {
   using C = Cfg<D>;
   const int warp = tid / 32, lane = tid % 32;
   const int r0 = warp * 16 + lane / 4;
@@ -162,19 +134,12 @@ __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.f, 0.f};  // per-thread partial row sums (reduced over the quad at the end)
 
-  mbar_wait(&bars.q_full[c], 0);
-  turns.start();
-  for (int t = 0; t < num; ++t) {
-    const int s = t % kStages;
-    const uint32_t phase = (t / kStages) & 1;
-    const int valid = p.block_sizes[list[t]];  // real keys in this key block
-    const uint32_t k_addr = q_addr + C::kTileBytes * (1 + 2 * s);
-    const uint32_t v_addr = k_addr + C::kTileBytes;
+  // key block t of the list -> its ring stage (K at k_addr, V at k_addr + tile) and the stage's phase parity
+  auto k_addr_of = [&](int t) { return q_addr + C::kTileBytes * (1 + 2 * (t % kStages)); };
+  auto phase_of = [](int t) { return static_cast<uint32_t>((t / kStages) & 1); };
 
-    // ---- S[64 x 64] = Q[64 x D] K^T: D/16 k-steps; step kk reads columns 16 kk.. of half kk / 4
-    float sc[32];
-    mbar_wait(&bars.k_full[c][s], phase);
-    turns.begin_turn();
+  // S[64 x 64] = Q[64 x D] K^T, issued (not awaited): D/16 k-steps; step kk reads columns 16 kk.. of half kk / 4
+  auto issue_qk = [&](float (&sc)[32], uint32_t k_addr) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -183,11 +148,23 @@ __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_
                          kk > 0);
     }
     wgmma_commit();
-    turns.end_turn();
-    wgmma_wait<0>();
-    fence_regs(sc);
-
-    // ---- online softmax (base 2); pad keys (col >= valid) -> -inf
+  };
+  // O[64 x D] += P[64 x 64] V[64 x D], issued: 4 k-steps of 16 keys = 16 rows (2 KB) of each V half
+  auto issue_pv = [&](const uint32_t (&a)[4][4], uint32_t v_addr) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint64_t desc_v = make_desc_sw128(v_addr + kk * 16 * 128, kHalfBytes, 1024);
+      if constexpr (D == 128)
+        wgmma_rs_m64n128k16_tB(o, a[kk], desc_v, 1);
+      else
+        wgmma_rs_m64n64k16_tB(o, a[kk], desc_v, 1);
+    }
+    wgmma_commit();
+  };
+  // online softmax (base 2) of a finished S: pad keys (col >= valid) -> -inf; updates m, l; the factor O must be
+  // rescaled by goes to `alpha`, P (bf16) to `a` as wgmma A fragments (k-step kk = accumulator chunks 2kk, 2kk+1)
+  auto softmax = [&](float (&sc)[32], int valid, float (&alpha)[2], uint32_t (&a)[4][4]) {
     float mx[2] = {m[0], m[1]};
 #pragma unroll
     for (int j8 = 0; j8 < 8; ++j8)
@@ -199,12 +176,11 @@ __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_
           x = (j8 * 8 + cq + e < valid) ? x * qk_scale : -INFINITY;
           mx[i] = fmaxf(mx[i], x);
         }
-    float alpha[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      alpha[i] = ex2(m[i] - mx[i]);  // first step: ex2(-inf) = 0 (valid >= 1, so mx is finite)
+      alpha[i] = ex2(m[i] - mx[i]);  // first block: ex2(-inf) = 0 (valid >= 1, so mx is finite)
       m[i] = mx[i];
       l[i] *= alpha[i];
     }
@@ -219,41 +195,69 @@ __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_
           l[i] += x;
         }
 #pragma unroll
-    for (int j8 = 0; j8 < D / 8; ++j8)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        o[j8 * 4 + i * 2 + 0] *= alpha[i];
-        o[j8 * 4 + i * 2 + 1] *= alpha[i];
-      }
-
-    // ---- P (bf16) as wgmma A fragments: k-step kk covers keys 16 kk .. 16 kk + 15 = accumulator chunks 2kk, 2kk+1
-    uint32_t a[4][4];
-#pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       a[kk][0] = pack_bf16(sc[(2 * kk) * 4 + 0], sc[(2 * kk) * 4 + 1]);          // row r0,     keys 16kk + cq
       a[kk][1] = pack_bf16(sc[(2 * kk) * 4 + 2], sc[(2 * kk) * 4 + 3]);          // row r0 + 8, keys 16kk + cq
       a[kk][2] = pack_bf16(sc[(2 * kk + 1) * 4 + 0], sc[(2 * kk + 1) * 4 + 1]);  // row r0,     keys 16kk + 8 + cq
       a[kk][3] = pack_bf16(sc[(2 * kk + 1) * 4 + 2], sc[(2 * kk + 1) * 4 + 3]);  // row r0 + 8, keys 16kk + 8 + cq
     }
+  };
 
-    // ---- O[64 x D] += P[64 x 64] V[64 x D]: 4 k-steps of 16 keys = 16 rows (2 KB) of each V half
-    mbar_wait(&bars.v_full[c][s], phase);
+  // Software pipeline (FlashAttention-3's intra-warpgroup overlap): while O += P_{t-1} V_{t-1} runs on the tensor
+  // cores, the softmax of S_t = Q K_t^T (issued just before it) runs on the FP/MUFU units. O is rescaled by
+  // alpha_t only after that P V has retired; P_t goes to its own registers because P_{t-1} is still being read.
+  // one pipeline step for key block t >= 1: P_{t-1} (in `p_in`) V_{t-1} runs while P_t goes to `p_out`
+  float alpha[2];
+  auto step = [&](int t, const uint32_t (&p_in)[4][4], uint32_t (&p_out)[4][4]) {
+    float sc[32];
+    mbar_wait(&bars.k_full[c][t % kStages], phase_of(t));
+    issue_qk(sc, k_addr_of(t));
+    mbar_wait(&bars.v_full[c][(t - 1) % kStages], phase_of(t - 1));
     fence_regs(o);
-    turns.begin_turn();
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint64_t desc_v = make_desc_sw128(v_addr + kk * 16 * 128, kHalfBytes, 1024);
-      if constexpr (D == 128)
-        wgmma_rs_m64n128k16_tB(o, a[kk], desc_v, 1);
-      else
-        wgmma_rs_m64n64k16_tB(o, a[kk], desc_v, 1);
-    }
-    wgmma_commit();
-    turns.end_turn();
+    issue_pv(p_in, k_addr_of(t - 1) + C::kTileBytes);
+    wgmma_wait<1>();  // S_t done (groups retire in order); P_{t-1} V_{t-1} may still run
+    fence_regs(sc);
+    softmax(sc, p.block_sizes[list[t]], alpha, p_out);
     wgmma_wait<0>();
     fence_regs(o);
-    mbar_arrive(&bars.empty[c][s]);  // this thread no longer reads stage s
+    mbar_arrive(&bars.empty[c][(t - 1) % kStages]);  // this thread no longer reads block t - 1's stage
+#pragma unroll
+    for (int j8 = 0; j8 < D / 8; ++j8)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        o[j8 * 4 + i * 2 + 0] *= alpha[i];
+        o[j8 * 4 + i * 2 + 1] *= alpha[i];
+      }
+  };
+  auto last_pv = [&](const uint32_t (&p_in)[4][4]) {
+    mbar_wait(&bars.v_full[c][(num - 1) % kStages], phase_of(num - 1));
+    fence_regs(o);
+    issue_pv(p_in, k_addr_of(num - 1) + C::kTileBytes);
+    wgmma_wait<0>();
+    fence_regs(o);
+    mbar_arrive(&bars.empty[c][(num - 1) % kStages]);
+  };
+
+  mbar_wait(&bars.q_full[c], 0);
+  uint32_t p_even[4][4], p_odd[4][4];  // P of even / odd t: two sets, so no copy between in-flight registers
+  {
+    float sc[32];
+    mbar_wait(&bars.k_full[c][0], 0);
+    issue_qk(sc, k_addr_of(0));
+    wgmma_wait<0>();
+    fence_regs(sc);
+    softmax(sc, p.block_sizes[list[0]], alpha, p_even);  // O = 0: no rescale
+  }
+  int t = 1;
+  for (; t + 1 < num; t += 2) {
+    step(t, p_even, p_odd);
+    step(t + 1, p_odd, p_even);
+  }
+  if (t < num) {
+    step(t, p_even, p_odd);
+    last_pv(p_odd);
+  } else {
+    last_pv(p_even);
   }
 
   // ---- epilogue: out_s = O / l; out = out_s + out_c (* gate); lse = m + log2(l)
@@ -331,12 +335,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     regs_alloc<kConsumerRegs>();
     const int c = wg - 1;
     const int tile = static_cast<int>(blockIdx.x) * kConsumers + c;
-    const int other = static_cast<int>(blockIdx.x) * kConsumers + (1 - c);
-    const TurnSchedule turns{c, tile < tiles ? 2 * p.q2k_num[tile] : 0, other < tiles ? 2 * p.q2k_num[other] : 0};
-    if (tile < tiles)
-      consume<D>(p, bars, smem + c * C::kConsumerBytes, c, tile, tid, turns);
-    else
-      turns.start();  // an idle consumer 1 still hands consumer 0 its first turn
+    if (tile < tiles) consume<D>(p, bars, smem + c * C::kConsumerBytes, c, tile, tid);
   }
 }
 
