@@ -154,15 +154,22 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path):
     assert not [p for p in (tmp_path / "b").iterdir() if ".tmp-" in p.name]
 
 
+def _train_compiled(rank: int, world: int, config: TrainConfig) -> tuple[list[float], bool]:
+    trainer = Trainer(config)
+    losses = trainer.fit().losses
+    return losses, all(block._compiled_call_impl is not None for block in trainer.model.blocks)
+
+
 def test_compiled_blocks_train_the_same(tmp_path):
     """`--compile` (regional torch.compile of the blocks, fullgraph, after `parallelize`) gives the eager losses,
-    VSA with LoRA + gates and gradient checkpointing."""
+    VSA with LoRA + gates and gradient checkpointing. Inductor runs in a child process: its compile thread pool
+    must not live in the pytest process, whose later tests fork workers that compile."""
     extra = dict(attention="vsa", train=("lora", "gates"), sparsity=0.5, lora_rank=4, lora_alpha=4, max_steps=2,
                  synthetic_grid=(3, 16, 16), gradient_checkpointing=True)
     eager = Trainer(_config(tmp_path / "eager", **extra)).fit().losses
-    trainer = Trainer(_config(tmp_path / "compiled", compile=True, **extra))
-    compiled = trainer.fit().losses
-    assert all(block._compiled_call_impl is not None for block in trainer.model.blocks)
+    compiled, all_compiled = run_distributed(1, _train_compiled, _config(tmp_path / "compiled", compile=True, **extra),
+                                             timeout=300)[0]
+    assert all_compiled
     assert len(compiled) == len(eager) == 2
     for got, want in zip(compiled, eager, strict=True):
         assert abs(got - want) <= 1e-4 * abs(want), (compiled, eager)
