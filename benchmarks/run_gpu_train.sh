@@ -7,6 +7,7 @@ set -u
 source benchmarks/gpu_env.sh
 MODEL=/tmp/wan13b
 STEPS="${STEPS:-5}"
+export TAG="${TAG:-h200}"
 python3 - <<'PY'
 import sys
 sys.path.insert(0, "benchmarks")
@@ -52,7 +53,7 @@ result = {"benchmark": "run_gpu_train.sh: Wan 2.1 1.3B shape, 480p/81f (latent 2
                                                                        text=True).stdout.strip(),
           "torch": torch.__version__, "median_of": "steps 2.. (step 1 includes warm-up / compilation)",
           "target": "VSA step <= 0.5x dense", "runs": rows}
-json.dump(result, open(f"{out}/train_step_h200.json", "w"), indent=1)
+json.dump(result, open(f"{out}/train_step_{os.environ['TAG']}.json", "w"), indent=1)
 print("| run | median step s | x dense | peak GiB |")
 for name, row in rows.items():
     print(f"| {name} | {row['median_step_s']:.3f} | {row.get('ratio_to_dense', float('nan')):.3f} | "

@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--tag", default="h200")
     args = parser.parse_args()
     files = dict(item.split("=", 1) for item in args.variant_file)
+    unknown = [name for name in args.variants if name not in VARIANTS] + [name for name in files if name in VARIANTS]
+    if unknown:
+        parser.error(f"unknown or doubly given variants {unknown}; --variants takes {list(VARIANTS)}")
     cases = {f"{kind} s={s}": _lists(kind, s) for kind, s in INPUTS}
     scale = D**-0.5
     rows: dict[str, dict] = {}

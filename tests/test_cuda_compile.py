@@ -76,7 +76,8 @@ def test_ptxas_no_spills(compiled):
         regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
         assert regs and max(regs) <= 168, f"{name}: registers {regs} (384 threads, 1 CTA/SM caps them at 168)"
         assert "C7508" not in report, f"{name}: setmaxnreg ignored:\n{report}"
-        assert "C7513" not in report, f"{name}: wgmma serialised (the software pipeline is lost):\n{report}"
+        # C7513 / C7514: non-wgmma instructions write / read wgmma registers inside a pipeline stage
+        assert "instructions are serialized" not in report, f"{name}: wgmma serialised (pipeline lost):\n{report}"
 
 
 def test_sass_uses_hopper_units(compiled):

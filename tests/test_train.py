@@ -154,22 +154,34 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path):
     assert not [p for p in (tmp_path / "b").iterdir() if ".tmp-" in p.name]
 
 
-def _train_compiled(rank: int, world: int, config: TrainConfig) -> tuple[list[float], bool]:
+def _train_compiled(rank: int, world: int, config: TrainConfig) -> tuple[list[float], bool, int]:
+    from torch._dynamo.utils import counters
+
     trainer = Trainer(config)
     losses = trainer.fit().losses
-    return losses, all(block._compiled_call_impl is not None for block in trainer.model.blocks)
+    compiled = all(block._compiled_call_impl is not None for block in trainer.model.blocks)
+    return losses, compiled, int(counters["stats"]["unique_graphs"])
 
 
 def test_compiled_blocks_train_the_same(tmp_path):
     """`--compile` (regional torch.compile of the blocks, fullgraph, after `parallelize`) gives the eager losses,
-    VSA with LoRA + gates and gradient checkpointing. Inductor runs in a child process: its compile thread pool
-    must not live in the pytest process, whose later tests fork workers that compile."""
-    extra = dict(attention="vsa", train=("lora", "gates"), sparsity=0.5, lora_rank=4, lora_alpha=4, max_steps=2,
-                 synthetic_grid=(3, 16, 16), gradient_checkpointing=True)
+    VSA with LoRA + gates, gradient checkpointing and a sparsity rising over the steps (a graph per value: more than
+    dynamo's default limit of 8 with fullgraph). Inductor runs in a child process: its compile thread pool must not
+    live in the pytest process, whose later tests fork workers that compile."""
+    extra = dict(attention="vsa", train=("lora", "gates"), sparsity=0.5, sparsity_warmup_steps=4, lora_rank=4,
+                 lora_alpha=4, max_steps=5, synthetic_grid=(3, 16, 16), gradient_checkpointing=True)
     eager = Trainer(_config(tmp_path / "eager", **extra)).fit().losses
-    compiled, all_compiled = run_distributed(1, _train_compiled, _config(tmp_path / "compiled", compile=True, **extra),
-                                             timeout=300)[0]
-    assert all_compiled
-    assert len(compiled) == len(eager) == 2
+    compiled, all_compiled, graphs = run_distributed(
+        1, _train_compiled, _config(tmp_path / "compiled", compile=True, **extra), timeout=400)[0]
+    assert all_compiled and graphs > 8
+    assert len(compiled) == len(eager) == 5
     for got, want in zip(compiled, eager, strict=True):
         assert abs(got - want) <= 1e-4 * abs(want), (compiled, eager)
+
+
+def test_compile_refuses_a_schedule_of_many_sparsities(tmp_path):
+    config = _config(tmp_path / "out", compile=True, attention="vsa", sparsity=0.5, sparsity_warmup_steps=100,
+                     max_steps=100)
+    with pytest.raises(ValueError, match="compiles the blocks once per distinct sparsity, and this schedule uses 100"):
+        Trainer(config).validate()
+    assert not (tmp_path / "out").exists()

@@ -1,8 +1,8 @@
 // Video Sparse Attention, fine-stage FORWARD for Hopper (sm_90a): block-sparse flash attention over 64x64 blocks.
 //
-// Opt-in (DIFFUSERS_DIST_ATTN_VSA_CUDA=1): on one H200 it is 10% faster than the Triton fine stage with every
-// block selected and within +-4% of it at sparsity 0.875 (slower on Wan 480p, faster on HunyuanVideo), so it is
-// not the default (see README.md here). Correctness: tests/gpu/test_vsa_cuda.py; ptxas resources: BUILD_NOTES.md
+// Opt-in (DIFFUSERS_DIST_ATTN_VSA_CUDA=1): on one H200 its fine stage is 10% faster than Triton's with every block
+// selected and 3% slower at sparsity 0.875; through the layer it is 6% slower on Wan 480p and 1-6% faster on Wan
+// 720p and HunyuanVideo, so it is not the default (see README.md here). Correctness: tests/gpu/test_vsa_cuda.py; ptxas resources: BUILD_NOTES.md
 // here; speed: benchmarks/NOTES.md.
 //
 // Contract (same as `_fwd_kernel` in diffusers_dist_attn/vsa/triton_kernels.py), per (batch*head bh, query block
@@ -10,7 +10,8 @@
 //   for t < q2k_num[bh, qb]:  kb = q2k_idx[bh, qb, t];  keys/values = rows kb*64 .. kb*64+63 of K[bh], V[bh]
 //   logits = Q_blk K_kb^T * scale, key slots >= block_sizes[kb] masked to -inf; online softmax (base 2)
 //   out_s = softmax(...) V;  out = out_s + out_c[bh, qb, :] (* gate);  lse = m + log2(l) (base 2, of s*scale*log2e)
-// All 64 query rows of a block are computed (pad query rows too, as the Triton kernel does).
+// All 64 query rows of a block are computed (pad query rows too, as the Triton kernel does). Precondition:
+// 1 <= q2k_num <= maxk (the op's top-k is >= 1; a consumer with an empty list would wait for a tile forever).
 //
 // CTA layout (384 threads = 3 warpgroups, one CTA per SM: __launch_bounds__(384, 1)):
 //   warpgroup 0 = producer: warp c (c < kConsumers), lane 0, streams the Q tile and the listed K/V tiles of

@@ -38,6 +38,10 @@ class SparsitySchedule:
         if self.rate is not None and not self.rate > 0:
             raise ValueError(f"--sparsity-decay-rate {self.rate}: must be > 0")
 
+    def distinct_values(self, steps: int) -> int:
+        """How many different sparsities steps 0 .. steps-1 use (`--compile` builds a graph per value)."""
+        return len({self(step) for step in range(steps)})
+
     def __call__(self, step: int) -> float:
         if self.warmup_steps == 0 and self.rate is None:
             return self.target

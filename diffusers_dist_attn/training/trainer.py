@@ -50,6 +50,9 @@ TRAINABLE = ("gates", "lora", "full")
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections of every WanAttention
 MIXED_PRECISION = ("no", "bf16")
+# `--compile`: the compiled blocks are specialised on the sparsity value (and on grad mode), so a schedule with
+# many distinct values would recompile the blocks at most of its steps
+MAX_COMPILED_SPARSITIES = 16
 NUM_TRAIN_TIMESTEPS = 1000
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
 GATES_FILE = "gates.safetensors"
@@ -153,6 +156,14 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"--attention {config.attention!r}: choose dense or vsa")
     if config.attention == "vsa":
         config.sparsity_at()  # validates target, warm-up, kind, interval, rate
+    if config.compile and config.attention == "vsa":
+        values = config.sparsity_at().distinct_values(config.max_steps)
+        if values > MAX_COMPILED_SPARSITIES:
+            raise ValueError(
+                f"--compile compiles the blocks once per distinct sparsity, and this schedule uses {values} values in "
+                f"{config.max_steps} steps (at most {MAX_COMPILED_SPARSITIES}): use --sparsity-schedule fastvideo "
+                "with a --sparsity-decay-interval giving fewer steps, a shorter --sparsity-warmup-steps, or drop "
+                "--compile")
     if config.gate_checkpoint is not None and config.attention != "vsa":
         raise ValueError("--gate-checkpoint: gates are only used by --attention vsa")
     if (config.data is None) == (config.synthetic is None):
@@ -356,7 +367,10 @@ class Trainer:
         options = {"vsa_implementation": config.vsa_implementation} if config.attention == "vsa" else {}
         self.handle = parallelize(model, attention=config.attention, sparsity=0.0, groups=self.groups, **options)
         if config.compile:
-            # after parallelize: the compiled blocks trace the sharding hooks and this package's processors
+            # after parallelize: the compiled blocks trace the sharding hooks and this package's processors. One
+            # graph per sparsity value and grad mode (+ slack): raise dynamo's per-code recompile limit to match.
+            values = self.schedule_values()
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * values + 4)
             model.compile_repeated_blocks(fullgraph=True)
         self.model = model
         params = [p for _, p in self.trainable]
@@ -368,6 +382,11 @@ class Trainer:
         self.schedule = config.sparsity_at() if config.attention == "vsa" else None
         if self.resume_from is not None:
             self._load(self.resume_from)
+
+    def schedule_values(self) -> int:
+        """Distinct sparsities of the whole run (1 for dense or a constant sparsity)."""
+        config = self.config
+        return config.sparsity_at().distinct_values(config.max_steps) if config.attention == "vsa" else 1
 
     # -- one step -----------------------------------------------------------------------------------------------
     def batch_indices(self, micro_step: int) -> tuple[list[int], list[int]]:

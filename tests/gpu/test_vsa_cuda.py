@@ -101,9 +101,10 @@ def test_fine_stage_matches_triton(ext, d, ragged, with_gate):
 
 @pytest.mark.parametrize("d", [64, 128])
 def test_fine_stage_overlapping_unsorted_lists(ext, d):
-    """Neighbouring query blocks (the two consumers of one CTA) whose lists mostly coincide, lists in descending
-    and in mixed order, ragged counts (5-9 blocks: odd and even lengths through the two-step software pipeline),
-    27 blocks per head x 4 heads: the CUDA forward equals the Triton fine stage."""
+    """Lists of query block 2j + 1 mostly equal to block 2j's, in no index order (top-k order with the even
+    positions reversed), ragged counts (5-9 blocks: odd and even lengths through the two-step software pipeline),
+    27 blocks per head x 4 heads (odd: the CTA pairs shift by one block per head): the CUDA forward equals the
+    Triton fine stage."""
     from diffusers_dist_attn.vsa import triton_kernels as kern
 
     q, k, v, g, bs = _inputs((9, 9, 9), 2, 2, d, torch.bfloat16, gate=True, seed=6)
