@@ -195,17 +195,24 @@ def vsa_benchmarks(results: Path | str = RESULTS) -> list[Path]:
     return [path for _, path in dated + undated]
 
 
-def _shape_label(shape: Any) -> str:
+def _shape_label(row: dict) -> str:
+    """`B1 H12 S32768 D128` (bench_vsa.py's `shape`) or `wan480 21x30x52 H12, random` (bench_vsa_layer.py)."""
+    shape = row.get("shape")
     if isinstance(shape, (list, tuple)) and len(shape) == 4:
         return "B{} H{} S{} D{}".format(*shape)
+    if "case" in row:
+        grid = "x".join(map(str, row.get("grid", [])))
+        return f"{row['case']} {grid} H{row.get('heads', '?')}, {row.get('input', '')}".rstrip(", ")
     return str(shape)
 
 
 def load_vsa_benchmark(path: Path | str) -> dict:
     """`{"path", "card", "date", "rows": [{"shape", "label", "fwd_ms", "fwdbwd_ms", "x_cudnn"}]}` from one JSON file.
 
-    Layout written by `benchmarks/bench_vsa.py`: `meta.card`, `meta.date`, and `rows` with `shape [B, H, S, D]`,
-    `method`, `sparsity` (null for dense), `fwd_ms`, `fwdbwd_ms`, `fwd_x_cudnn`.
+    Layouts: `benchmarks/bench_vsa.py` (`meta.card`, `meta.date`, `rows` with `shape [B, H, S, D]`, `method`,
+    `sparsity` (null for dense), `fwd_ms`, `fwdbwd_ms`, `fwd_x_cudnn`) and `benchmarks/bench_vsa_layer.py` (rows with
+    `case`, `grid`, `heads`, `input`, `method`, `sparsity` also on the `cudnn_dense` row); `x_cudnn` is then the
+    cuDNN row's forward time over this row's, per shape.
     """
     path = Path(path)
     data = json.loads(path.read_text())
@@ -215,14 +222,18 @@ def load_vsa_benchmark(path: Path | str) -> dict:
         if not isinstance(r, dict) or not isinstance(r.get("fwd_ms"), (int, float)):
             continue
         method = str(r.get("method", r.get("name", "?")))
-        sparsity = r.get("sparsity")
+        sparsity = None if method.startswith("cudnn") else r.get("sparsity")
         rows.append({
-            "shape": _shape_label(r.get("shape")),
+            "shape": _shape_label(r),
             "label": method if sparsity is None else f"{method} s={sparsity:g}",
             "fwd_ms": float(r["fwd_ms"]),
             "fwdbwd_ms": r.get("fwdbwd_ms"),
             "x_cudnn": r.get("fwd_x_cudnn"),
         })
+    dense = {r["shape"]: r["fwd_ms"] for r in rows if r["label"].startswith("cudnn")}
+    for r in rows:
+        if r["x_cudnn"] is None and r["shape"] in dense:
+            r["x_cudnn"] = dense[r["shape"]] / r["fwd_ms"]
     return {
         "path": path,
         "card": meta.get("card") or meta.get("gpu") or "unknown card",
@@ -233,12 +244,18 @@ def load_vsa_benchmark(path: Path | str) -> dict:
 
 
 def plot_vsa_speed(bench: dict):
-    """One panel per shape: forward and forward+backward medians (ms) per method."""
+    """One panel per shape (three per line): forward and forward+backward medians (ms) per method."""
     import matplotlib.pyplot as plt
 
     shapes = list(dict.fromkeys(r["shape"] for r in bench["rows"]))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 3.2), squeeze=False, layout="constrained")
-    for ax, shape in zip(axes[0], shapes, strict=True):
+    cols = min(3, len(shapes))
+    lines = -(-len(shapes) // cols)
+    per_panel = max(sum(r["shape"] == shape for r in bench["rows"]) for shape in shapes)
+    fig, axes = plt.subplots(lines, cols, figsize=(5.5 * cols, (0.45 * per_panel + 1.2) * lines), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(shapes):]:
+        ax.set_visible(False)
+    for ax, shape in zip(axes.flat, shapes, strict=False):
         rows = [r for r in bench["rows"] if r["shape"] == shape]
         ys = range(len(rows))
         fwd = ax.barh([y - 0.2 for y in ys], [r["fwd_ms"] for r in rows], 0.4, label="forward")
@@ -247,8 +264,9 @@ def plot_vsa_speed(bench: dict):
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
         ax.set_yticks(list(ys), [r["label"] for r in rows], fontsize=8)
         ax.invert_yaxis()
-        ax.margins(x=0.12)
-        ax.set(xlabel="median time (ms)", title=f"{shape} {bench['dtype']}")
-        ax.legend(fontsize=8)
+        ax.margins(x=0.15)
+        ax.set(xlabel="median time (ms)", title=f"{shape} {bench['dtype']}".strip())
+        ax.title.set_fontsize(9)
+    axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"VSA vs dense attention on {bench['card']} ({bench['date']})")
     return fig

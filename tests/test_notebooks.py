@@ -64,6 +64,23 @@ def test_notebook_03_picks_the_newest_results_file_by_recorded_date(tmp_path):
         assert utils.recorded_date(files[0]) == max(dated)
 
 
+def test_load_vsa_benchmark_reads_the_real_grid_layout(tmp_path):
+    """`bench_vsa_layer.py` rows (case / grid / heads / input, a sparsity on the dense row too): one panel per grid
+    and input, the dense row without a sparsity, the forward speed-up over cuDNN computed per panel."""
+    utils = _nb_utils()
+    common = {"case": "wan480", "grid": [21, 30, 52], "heads": 12, "sparsity": 0.875, "fwdbwd_ms": 1.0}
+    rows = [{**common, "input": "random", "method": "cudnn_dense", "fwd_ms": 12.0},
+            {**common, "input": "random", "method": "layer_triton", "fwd_ms": 3.0},
+            {**common, "input": "smooth", "method": "cudnn_dense", "fwd_ms": 10.0},
+            {**common, "input": "smooth", "method": "layer_triton", "fwd_ms": 4.0}]
+    path = tmp_path / "vsa_layer_x.json"
+    path.write_text(json.dumps({"meta": {"card": "X", "date": "2026-12-01T16:36:13+00:00"}, "rows": rows}))
+    bench = utils.load_vsa_benchmark(path)
+    assert [r["shape"] for r in bench["rows"]] == ["wan480 21x30x52 H12, random"] * 2 + ["wan480 21x30x52 H12, smooth"] * 2
+    assert [r["label"] for r in bench["rows"]] == ["cudnn_dense", "layer_triton s=0.875"] * 2
+    assert [r["x_cudnn"] for r in bench["rows"]] == [1.0, 4.0, 1.0, 2.5]
+
+
 def test_save_figure_only_when_asked(tmp_path, monkeypatch):
     import matplotlib
 
