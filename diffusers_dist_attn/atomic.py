@@ -18,6 +18,7 @@ from pathlib import Path
 __all__ = ["temp_path", "fsync_tree", "publish", "staged", "atomic_file", "atomic_dir", "remove_stale_temps"]
 
 # `.STEM.tmp-PID[.suffix]`: a kept suffix stays last because imageio / ffmpeg / PIL pick the format from it
+_OLD = ".old"  # a folder being replaced is first renamed to the temporary of NAME.old
 _TEMP_NAME = re.compile(r"\.(?P<stem>.+)\.tmp-(?P<pid>\d+)(?P<suffix>\.[A-Za-z0-9]+)?")
 
 
@@ -58,8 +59,9 @@ def publish(tmp: Path, final: Path, *, replace: bool = False) -> None:
                                   and not (final.is_dir() and tmp.is_dir())):
             raise FileExistsError(f"{final} is not a regular file (or a folder replaced by a folder); not replaced")
         if final.is_dir():
-            old = temp_path(final.with_name(final.name + ".old"), keep_suffix=False)
-            os.rename(final, old)  # a kill between the two renames leaves the old folder under a temp name
+            old = temp_path(final.with_name(final.name + _OLD), keep_suffix=False)
+            os.rename(final, old)  # a kill between the two renames leaves the old folder under a temp name,
+            # which remove_stale_temps renames back
             os.rename(tmp, final)
             shutil.rmtree(old)
             return
@@ -137,7 +139,8 @@ def remove_stale_temps(folder: Path, *, suffixes: tuple[str, ...] | None = None,
                        folder_ok: Callable[[Path], bool] = lambda p: True) -> list[Path]:
     """Delete temporaries in `folder` (`.NAME.tmp-PID[.suffix]`) of processes that no longer run: files whose
     suffix is in `suffixes` (None: any) or that have none, folders when `folder_ok(path)`. Links, other names and
-    temporaries of running processes are left alone."""
+    temporaries of running processes are left alone. A replaced folder's old copy (`.NAME.old.tmp-PID`) whose
+    `NAME` is missing (the replacing process died between its two renames) is renamed back to `NAME`, not deleted."""
     removed: list[Path] = []
     try:
         entries = list(folder.iterdir())
@@ -151,6 +154,10 @@ def remove_stale_temps(folder: Path, *, suffixes: tuple[str, ...] | None = None,
             continue
         try:
             if path.is_dir():
+                stem = match["stem"]
+                if stem.endswith(_OLD) and not (folder / stem[: -len(_OLD)]).exists():
+                    os.rename(path, folder / stem[: -len(_OLD)])
+                    continue
                 if not folder_ok(path):
                     continue
                 shutil.rmtree(path)

@@ -226,3 +226,40 @@ def test_atomic_dir_failure_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_dir(tmp_path / "checkpoint-7", write)
     assert list(tmp_path.iterdir()) == [] and latest_checkpoint(tmp_path) is None
+
+
+def test_a_folder_replace_killed_between_its_renames_is_rolled_back(tmp_path):
+    """`publish(replace=True)` renames the old folder away, then the new one in; a process killed in between leaves
+    only temporaries. The next stale-temp cleanup renames the old copy back instead of deleting both."""
+    from diffusers_dist_attn.atomic import remove_stale_temps, temp_path
+
+    dead_pid = 2**22 + 12345  # above Linux's pid_max default range: not a running process
+    old = temp_path(tmp_path / "transformer.old", dead_pid, keep_suffix=False)
+    new = temp_path(tmp_path / "transformer", dead_pid, keep_suffix=False)
+    for folder, text in ((old, "old weights"), (new, "new weights")):
+        folder.mkdir()
+        (folder / "w.safetensors").write_text(text)
+    remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transformer"]
+    assert (tmp_path / "transformer" / "w.safetensors").read_text() == "old weights"
+
+
+def test_output_dir_holding_a_model_is_refused(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        code, err = _run_main(["train", "--synthetic", "2", "--output-dir", str(model), *FAST, *extra])
+        assert code == 2
+        _one_error_line(err, "holds a diffusers model")
+    assert [p.name for p in model.iterdir()] == ["model_index.json"]
+
+
+def test_resume_without_a_checkpoint_still_refuses_a_non_empty_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    code, err = _run_main(["train", "--synthetic", "2", "--output-dir", str(out), "--resume", *FAST])
+    assert code == 2
+    _one_error_line(err, "it has no checkpoint to resume")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]

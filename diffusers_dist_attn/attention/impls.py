@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ..distributed.collectives import broadcast_from_first, group_rank, group_size
 from ..vsa.tiling import num_blocks, tile, tile_layout, topk_for_sparsity, untile
 from .backends import VSA_IMPLEMENTATIONS, dense_attention, lse_backend, vsa_attention_tiled
-from .ring import ring_attention
+from .ring import joint_key_mask, ring_attention
 from .validation import check_grid, check_sparsity
 
 __all__ = ["Replicated", "AttentionImpl", "DenseImpl", "RingImpl", "VSAImpl"]
@@ -38,14 +38,6 @@ class Replicated:
     k: torch.Tensor
     v: torch.Tensor
     mask: torch.Tensor | None
-
-
-def joint_key_mask(video_len: int, replicated: Replicated) -> torch.Tensor | None:
-    """Key mask of `[video ; replicated]` keys (`[B, S + L]`, True = attend), or None when every key counts."""
-    if replicated.mask is None:
-        return None
-    mask = replicated.mask
-    return torch.cat([mask.new_ones(mask.shape[0], video_len), mask], 1)
 
 
 class AttentionImpl:
@@ -85,7 +77,7 @@ class DenseImpl(AttentionImpl):
             return self.dense(q, k, v), None
         video_len = q.shape[1]
         out = self.dense(torch.cat([q, replicated.q], 1), torch.cat([k, replicated.k], 1),
-                         torch.cat([v, replicated.v], 1), joint_key_mask(video_len, replicated))
+                         torch.cat([v, replicated.v], 1), joint_key_mask(video_len, replicated.mask))
         return out[:, :video_len], out[:, video_len:]
 
 
@@ -170,5 +162,5 @@ class VSAImpl(AttentionImpl):
         if replicated is None:
             return out, None
         rep_out = self.dense(replicated.q, torch.cat([k, replicated.k], 1), torch.cat([v, replicated.v], 1),
-                             joint_key_mask(q.shape[1], replicated))
+                             joint_key_mask(q.shape[1], replicated.mask))
         return out, rep_out

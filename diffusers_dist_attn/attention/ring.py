@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..distributed.collectives import group_rank, group_size
 from .backends import attention_backward_with_lse, attention_forward_with_lse, dense_attention_with_lse
 
-__all__ = ["ring_attention"]
+__all__ = ["joint_key_mask", "ring_attention"]
 
 _KV_TAG, _GRAD_TAG = 0, 1
 
@@ -52,13 +52,21 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: tor
     return out * w + out_b * w_b, new
 
 
+def joint_key_mask(video_len: int, extra_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Key mask of `[video ; extra]` keys (`[B, S + L]`, True = attend) from the extra keys' mask `[B, L]`, or None
+    when every key counts."""
+    if extra_mask is None:
+        return None
+    return torch.cat([extra_mask.new_ones(extra_mask.shape[0], video_len), extra_mask], 1)
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, extra_k, extra_v, extra_mask, block_lens, scale, group, backend):
         rank, world = group_rank(group), group_size(group)
         width = max(block_lens)
         kv = F.pad(torch.stack([k, v]), (0, 0, 0, 0, 0, width - k.shape[1])).contiguous()  # [2, B, width, H, D]
-        acc = q.dtype if q.dtype == torch.float64 else torch.float32
+        acc = torch.promote_types(q.dtype, torch.float32)  # as numerics.acc: fp64 stays fp64 (gradcheck)
         out = q.new_zeros(q.shape, dtype=acc)
         lse = q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc)
         aux_extra = None
@@ -168,7 +176,6 @@ def ring_attention(
         keys, values, mask = k, v, None
         if extra_k is not None:
             keys, values = torch.cat([k, extra_k], 1), torch.cat([v, extra_v], 1)
-            if extra_mask is not None:
-                mask = torch.cat([extra_mask.new_ones(k.shape[0], k.shape[1]), extra_mask], 1)
+            mask = joint_key_mask(k.shape[1], extra_mask)
         return dense_attention_with_lse(q, keys, values, scale, mask, backend=backend)[0]
     return _RingAttention.apply(q, k, v, extra_k, extra_v, extra_mask, lens, scale, group, backend)

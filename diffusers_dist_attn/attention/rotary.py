@@ -8,9 +8,8 @@ import torch
 
 from .. import envs
 
-__all__ = ["ROTARY_ENV", "apply_rotary", "normalize_rotary_tables"]
+__all__ = ["apply_rotary", "normalize_rotary_tables"]
 
-ROTARY_ENV = envs.ROTARY.name  # "auto" (fused Triton kernel on CUDA) or "torch"
 rotary_fused = None  # the fused Triton op, imported here so that no import runs inside a torch.compile'd region
 if importlib.util.find_spec("triton") is not None:
     try:
@@ -45,9 +44,17 @@ def normalize_rotary_tables(freqs_cis: RotaryTables, head_dim: int) -> RotaryTab
     return cos, sin
 
 
+# the last full-width table found interleaved: a model passes one table object to every block, so the check (a
+# device sync) runs once per forward, not once per layer
+_CHECKED_TABLE: list[torch.Tensor] = []
+
+
 def _check_interleaved(cos: torch.Tensor) -> None:
     """Full-width `[S, D]` tables must repeat each pair's angle in adjacent columns (interleaved pairs)."""
+    if _CHECKED_TABLE and _CHECKED_TABLE[0] is cos:
+        return
     if torch.equal(cos[:, 0::2], cos[:, 1::2]):
+        _CHECKED_TABLE[:] = [cos]
         return
     half = cos.shape[-1] // 2
     layout = "rotate-half ([θ, θ] concatenated)" if torch.equal(cos[:, :half], cos[:, half:]) else "unknown"

@@ -59,23 +59,23 @@ def _merge(out_s, lse2, out_t, lse_t, out_c, gate):
 
 class _VSAWithText(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, gate, block_sizes, topk, scale, text_k, text_v, text_mask, fwd_op, text_backend):
+    def forward(ctx, q, k, v, gate, block_sizes, topk, scale, text_k, text_v, text_mask, fwd_op):
         ctx.set_materialize_grads(False)
         _, lse2, out_s, out_c, sel, idx, num, qc, kc, vc = fwd_op(q, k, v, gate, block_sizes, topk, scale, True)
         # the text part on the tiled queries, as [B, S, H, D] views (no copies)
         out_t, lse_t, aux = attention_forward_with_lse(q.transpose(1, 2), text_k.transpose(1, 2),
-                                                       text_v.transpose(1, 2), scale, text_mask, text_backend,
+                                                       text_v.transpose(1, 2), scale, text_mask, None,
                                                        native_out=True)
         out, fine, lse = _merge(out_s, lse2, out_t.transpose(1, 2), lse_t, out_c, gate)
         ctx.save_for_backward(q, k, v, gate, block_sizes, fine, lse, out_c, sel, idx, num, qc, kc, vc, text_k, text_v,
                               text_mask)
-        ctx.scale, ctx.aux, ctx.text_backend = scale, aux, text_backend
+        ctx.scale, ctx.aux = scale, aux
         return out
 
     @staticmethod
     def backward(ctx, dout):
         if dout is None:
-            return (None,) * 12
+            return (None,) * 11
         q, k, v, gate, block_sizes, fine, lse, out_c, sel, idx, num, qc, kc, vc, text_k, text_v, text_mask = \
             ctx.saved_tensors
         dout = dout.contiguous()
@@ -84,10 +84,10 @@ class _VSAWithText(torch.autograd.Function):
             ctx.scale)
         dq_t, dk_t, dv_t = attention_backward_with_lse(
             dout.transpose(1, 2), q.transpose(1, 2), text_k.transpose(1, 2), text_v.transpose(1, 2),
-            fine.transpose(1, 2), lse, ctx.scale, text_mask, ctx.text_backend, ctx.aux)
+            fine.transpose(1, 2), lse, ctx.scale, text_mask, None, ctx.aux)
         dq = dq + dq_t.transpose(1, 2).to(dq.dtype)
         return (dq, dk, dv, dgate if gate is not None else None, None, None, None,
-                dk_t.transpose(1, 2).to(text_k.dtype), dv_t.transpose(1, 2).to(text_v.dtype), None, None, None)
+                dk_t.transpose(1, 2).to(text_k.dtype), dv_t.transpose(1, 2).to(text_v.dtype), None, None)
 
 
 def vsa_with_text(
@@ -102,10 +102,9 @@ def vsa_with_text(
     text_k: torch.Tensor,
     text_v: torch.Tensor,
     text_mask: torch.Tensor | None,
-    text_backend: str | None = None,
 ) -> torch.Tensor:
     """VSA on tiled `q, k, v, gate [B, H, 64 N, D]` whose fine softmax also covers `text_k, text_v [B, H, L, D]`
     (`text_mask` bool `[B, L]`, True = attend). `fwd_op` is a VSA forward custom op with the shared contract
     (`vsa.op_contract`). Returns `[B, H, 64 N, D]`; differentiable in q, k, v, gate, text_k, text_v."""
     q, k, v, gate, sizes, topk, scale, _ = prepare_tiled(q, k, v, gate, block_sizes, topk, scale)
-    return _VSAWithText.apply(q, k, v, gate, sizes, topk, scale, text_k, text_v, text_mask, fwd_op, text_backend)
+    return _VSAWithText.apply(q, k, v, gate, sizes, topk, scale, text_k, text_v, text_mask, fwd_op)

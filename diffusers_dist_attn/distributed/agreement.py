@@ -38,7 +38,6 @@ __all__ = [
     "fingerprint",
     "layer_check_needed",
     "peer_failures",
-    "tensor_checksum",
     "tensor_checksums",
 ]
 
@@ -178,11 +177,6 @@ def tensor_checksums(tensors: list[torch.Tensor]) -> list[tuple[float, float, fl
         for i, row in zip(indices, values, strict=True):
             sums[i] = tuple(row)
     return sums
-
-
-def tensor_checksum(t: torch.Tensor) -> tuple[float, float, float]:
-    """`tensor_checksums` of one tensor."""
-    return tensor_checksums([t])[0]
 
 
 # A caller that checked agreement for a whole transformer forward (the sharding hook of `parallelize`) marks the

@@ -104,7 +104,7 @@ class SequenceParallelGroups:
 
 
 _CURRENT: SequenceParallelGroups | None = None
-DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for a stalled peer (gloo and NCCL default to 30 min)
+DEFAULT_TIMEOUT_S = float(envs.TIMEOUT.default)  # how long a collective waits for a stalled peer (gloo and NCCL default to 30 min)
 _TIMEOUT_S: float | None = None  # the timeout the current groups were created with (for error messages)
 
 

@@ -269,7 +269,9 @@ folder, all or nothing (see `GateLayout.load`)."""
 # The sharding plans
 # ---------------------------------------------------------------------------------------------------------------
 def _grid(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[int, int, int]:
-    """Post-patch `(T, H, W)` from `hidden_states [B, C, F, H, W]`."""
+    """Post-patch `(T, H, W)` from `hidden_states [B, C, F, H, W]`; also checks the text masks (it runs in the
+    sharding hook's validation, so a bad mask on one rank fails every rank)."""
+    _check_text_masks(inputs)
     latents = inputs.get("hidden_states")
     if not isinstance(latents, torch.Tensor) or latents.ndim != 5:
         raise ValueError("HunyuanVideo expects hidden_states [batch, channels, frames, height, width]; got "
@@ -279,10 +281,8 @@ def _grid(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[int, int, int]:
     return frames // cfg.patch_size_t, height // cfg.patch_size, width // cfg.patch_size
 
 
-def _check_text_masks(model: nn.Module, args: tuple, kwargs: dict) -> None:
+def _check_text_masks(inputs: Mapping[str, Any]) -> None:
     """Every `encoder_attention_mask*` must be `[batch, tokens]` of its `encoder_hidden_states*`."""
-    names = list(inspect.signature(type(model).forward).parameters)[1:]
-    inputs = dict(zip(names, args, strict=False)) | kwargs
     for suffix in ("", "_2"):
         text, mask = inputs.get(f"encoder_hidden_states{suffix}"), inputs.get(f"encoder_attention_mask{suffix}")
         if not (isinstance(text, torch.Tensor) and isinstance(mask, torch.Tensor)):
@@ -305,7 +305,7 @@ def _install(
         cfg.num_attention_heads, cfg.attention_head_dim, state=state, attention=state.attention, name=name,
         vsa_implementation=vsa_implementation, backend=backend,
     ) for name in modules})
-    hooks = [model.register_forward_pre_hook(_check_text_masks, with_kwargs=True)]
+    hooks = []
     if getattr(cfg, "image_condition_type", None) == "token_replace":
         for list_name, _dual in _BLOCK_LISTS:
             for block in getattr(model, list_name):

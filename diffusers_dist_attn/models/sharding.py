@@ -72,6 +72,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..attention.backends import lse_capable
 from ..attention.validation import check_head_split, check_sparsity
 from ..distributed.agreement import (
     RankDisagreementError,
@@ -504,7 +505,7 @@ class ParallelHandle:
 
 def _resolve_groups(
     sp: int | None, groups: SequenceParallelGroups | None, *, num_heads: int, attention: str,
-    ulysses: int | None = None, ring: int | None = None,
+    ulysses: int | None = None, ring: int | None = None, can_ring: bool = True,
 ) -> SequenceParallelGroups:
     """Explicit groups, else the current ones when they fit, else new ones laid out by the degree planner."""
     if groups is not None:
@@ -521,7 +522,8 @@ def _resolve_groups(
         return init_sequence_parallel(sp, ulysses=ulysses, ring=ring)
     sp_size = launched_world_size() if sp is None else int(sp)
     node = local_world_size()
-    degrees = plan_degrees(num_heads, sp_size, node, ulysses=ulysses, ring=ring, full_heads=attention == "vsa")
+    degrees = plan_degrees(num_heads, sp_size, node, ulysses=ulysses, ring=ring, can_ring=can_ring,
+                           full_heads=attention == "vsa")
     logger.info("sequence parallel degrees: ulysses %d x ring %d (%s)", degrees.ulysses, degrees.ring, degrees.reason)
     return init_sequence_parallel(sp_size, ulysses=degrees.ulysses, ring=degrees.ring)
 
@@ -611,11 +613,12 @@ def parallelize(
         plan = get_plan(model)
         if attention not in plan.attentions:
             raise ValueError(f"unknown attention {attention!r} for {plan.name}; choose one of {list(plan.attentions)}")
-    groups = _resolve_groups(sp, groups, num_heads=num_heads, attention=attention, ulysses=ulysses, ring=ring)
+    # ring attention needs a dense backend that returns its log-sum-exp (the automatic choice does)
+    can_ring = attention != "dense" or lse_capable(options.get("backend") or "auto")
+    groups = _resolve_groups(sp, groups, num_heads=num_heads, attention=attention, ulysses=ulysses, ring=ring,
+                             can_ring=can_ring)
     for name, model in found.items():
         plan = get_plan(model)
-        if attention not in plan.attentions:
-            raise ValueError(f"unknown attention {attention!r} for {plan.name}; choose one of {list(plan.attentions)}")
         if attention == "local" and groups.sp_size > 1:
             raise ValueError(f"attention='local' runs without sequence parallelism; use sp=1 (got {groups.sp_size})")
         try:  # Ulysses needs at least one head per rank of its degree

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..attention.layers import DistributedAttention, DistributedAttention_VSA, LocalAttention
 from .gates import GateLayout, GateLoadReport
-from .processors import SequenceParallelAttnProcessor, install_processors
+from .processors import ATTENTION_KINDS, SequenceParallelAttnProcessor, install_processors
 from .sharding import ShardingPlan, ShardingState, ShardInput, register_plan
 
 __all__ = [
@@ -175,7 +175,6 @@ class WanDistributedAttnProcessor(SequenceParallelAttnProcessor):
 # --------------------------------------------------------------------------------------------------------------
 # Installing processors
 # --------------------------------------------------------------------------------------------------------------
-PROCESSOR_KINDS = ("local", "dense", "vsa")
 
 
 def _attention_modules(model: nn.Module) -> dict[str, WanAttention]:
@@ -198,8 +197,8 @@ def set_wan_attn_processors(
     (needs `state` and gates, see `add_gate_compress`). Cross-attention always gets `attention="local"`. A backend
     set earlier with diffusers' `set_attention_backend` is kept.
     """
-    if attention not in PROCESSOR_KINDS:
-        raise ValueError(f"unknown Wan attention {attention!r}; choose one of {list(PROCESSOR_KINDS)}")
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"unknown Wan attention {attention!r}; choose one of {list(ATTENTION_KINDS)}")
     modules = _attention_modules(model)
     processors = {}
     for path, attn in modules.items():

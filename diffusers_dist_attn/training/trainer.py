@@ -189,6 +189,10 @@ def _check_output(config: TrainConfig) -> Path | None:
     parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     if not parent.is_dir() or not _writable(parent):
         raise ValueError(f"--output-dir {out}: {parent} is not a writable folder")
+    model = Path(config.model).resolve() if config.model is not None else None
+    if (out / "model_index.json").exists() or (model is not None and out.resolve() == model):
+        raise ValueError(f"--output-dir {out} holds a diffusers model (model_index.json or --model): training "
+                         "writes transformer/ and weights there; choose another folder")
     resume: Path | None = None
     if config.resume is not None:
         if config.resume == "latest":
@@ -204,9 +208,11 @@ def _check_output(config: TrainConfig) -> Path | None:
             if differs:
                 raise ValueError(f"--resume {resume}: the checkpoint was trained with other settings: " + ", ".join(
                     f"{k}={saved.get(k)!r} (now {mine.get(k)!r})" for k in differs))
-    elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) and not config.overwrite:
-        raise ValueError(f"--output-dir {out} is not empty; pass --resume to continue its run, --overwrite to replace "
-                         "this command's outputs there (other files are kept), or another folder")
+    if resume is None and out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()) \
+            and not config.overwrite:
+        hint = "it has no checkpoint to resume; " if config.resume is not None else "pass --resume to continue its run, "
+        raise ValueError(f"--output-dir {out} is not empty; {hint}--overwrite to replace this command's outputs there "
+                         "(other files are kept), or another folder")
     return resume
 
 
