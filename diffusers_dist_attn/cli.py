@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import envs
+from . import attention, envs
 from .atomic import remove_stale_temps, staged, temp_path
 
 ATTENTIONS = ("stock", "dense", "dense-local", "vsa")
@@ -535,26 +535,6 @@ def _config_heads(model_path: Path) -> int | None:
         return None
 
 
-def _available_vsa_implementations(device: torch.device) -> list[str]:
-    """VSA implementations that can run on `device` (`attention.available_implementations`; before the backend
-    registry it lived in `vsa`)."""
-    from . import attention, vsa
-
-    available = getattr(attention, "available_implementations", None) or vsa.available_implementations
-    return list(available(device))
-
-
-def _backend_selection() -> dict[str, str]:
-    """`attention.registry.selection_report()` (kind -> backend chosen in this process), `{}` where the registry
-    is not part of this installation yet."""
-    try:
-        from .attention import registry
-    except ImportError:
-        return {}
-    report = getattr(registry, "selection_report", None)
-    return {str(k): str(v) for k, v in report().items()} if callable(report) else {}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # generate: set-up, run, check, report
 # ---------------------------------------------------------------------------------------------------------------
@@ -635,7 +615,7 @@ def set_up(config: RunConfig) -> _Setup:
     model_path = None
     try:
         if config.vsa_implementation not in (None, "auto"):
-            available = _available_vsa_implementations(device)
+            available = attention.available_implementations(device)
             if config.vsa_implementation not in available:
                 raise UsageError(f"--vsa-implementation {config.vsa_implementation} cannot run on {device} here "
                                  f"(available: {', '.join(available)}); pick one of those or auto")
@@ -755,7 +735,7 @@ def run(config: RunConfig, setup: _Setup) -> _Run:
     frames, latents = _run_pipeline(pipe, module, config, setup.video_seed, timer)
     total = time.perf_counter() - started
     timer.detach()
-    backends = _backend_selection()  # now, before --check's reference run selects its own
+    backends = {str(k): str(v) for k, v in attention.selection_report().items()}  # now, before --check's reference run selects its own
     peak = _peak_memory(device)
     peaks = [peak]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -902,22 +882,17 @@ def _versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 # build-kernels
 # ---------------------------------------------------------------------------------------------------------------
-def _build_plan():
-    """`cuda_build.build_plan()`: the sources found, the build folder, and why a build cannot run here (if so)."""
-    from .vsa import cuda_build
-
-    return cuda_build.build_plan()
-
-
 def build_kernels(args: argparse.Namespace) -> int:
     """`build-kernels`: 0 and the build folder when built, 1 and the reason otherwise. `--dry-run`: the plan, 0."""
+    from .vsa import cuda_build
+
     if args.dry_run:
-        plan = _build_plan()
+        plan = cuda_build.build_plan(require_gpu=not args.no_gpu_check)
         sources = list(plan.sources)
         print(f"{PROG} build-kernels --dry-run: nothing compiled", flush=True)
         print(f"sources ({len(sources)}):", flush=True)
         for source in sources:
-            print(f"  {source}{'' if Path(source).exists() else '  (missing)'}", flush=True)
+            print(f"  {source}", flush=True)
         print(f"arch: {plan.arch}", flush=True)
         print(f"nvcc: {plan.nvcc or 'not found'}", flush=True)
         print(f"would compile in: {plan.cache_dir}", flush=True)
@@ -925,8 +900,6 @@ def build_kernels(args: argparse.Namespace) -> int:
             print(f"--force: would delete {plan.cache_dir} first", flush=True)
         print(f"cannot build here: {plan.reason}" if plan.reason else "a build can run here", flush=True)
         return 0
-    from .vsa import cuda_build
-
     result = cuda_build.build(require_gpu=not args.no_gpu_check, force=args.force, verbose=args.verbose)
     if result.module is None:
         print(f"{PROG} build-kernels: not built: {result.reason}", file=sys.stderr, flush=True)
@@ -941,9 +914,6 @@ def build_kernels(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 class _StderrHandler(logging.StreamHandler):
     """Writes to the current `sys.stderr` (looked up per record, so redirections after set-up are honoured)."""
-
-    def __init__(self) -> None:
-        super().__init__()
 
     @property
     def stream(self):  # type: ignore[override]

@@ -165,7 +165,7 @@ def test_build_kernels_dry_run(tmp_path, monkeypatch, capsys):
 
 def test_report_records_the_backends_that_ran(tmp_path):
     """`backends` from the registry's selection report: at least the dense backend after a dense run (this needs
-    `attention.registry.selection_report()`, being written now; until then the field is `{}`)."""
+    `attention.selection_report()`)."""
     out = tmp_path / "out"
     assert main(["generate", "--output-dir", str(out), *SMALL]) == 0
     report = json.loads((out / "wan-dense-sp1.json").read_text())

@@ -217,7 +217,8 @@ def test_killed_run_leaves_only_complete_checkpoints_and_resumes(tmp_path):
 
 
 def test_atomic_dir_failure_leaves_nothing(tmp_path):
-    from diffusers_dist_attn.training.checkpoint import atomic_dir, latest_checkpoint
+    from diffusers_dist_attn.atomic import atomic_dir
+    from diffusers_dist_attn.training.checkpoint import latest_checkpoint
 
     def write(folder: Path) -> None:
         (folder / "state.json").write_text("{}")

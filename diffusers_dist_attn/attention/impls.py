@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ..distributed.collectives import broadcast_from_first, group_rank, group_size
 from ..vsa.tiling import num_blocks, tile, tile_layout, topk_for_sparsity, untile
 from .backends import VSA_IMPLEMENTATIONS, dense_attention, lse_backend, vsa_attention_tiled
+from .registry import select_backend
 from .ring import joint_key_mask, ring_attention
 from .validation import check_grid, check_sparsity
 
@@ -48,7 +49,8 @@ class AttentionImpl:
     def __init__(self, layer: Any) -> None:
         self.layer = layer  # the owning layer: scale, causal flag, backend preferences
 
-    def check(self, seq_len: int, options: dict[str, Any]) -> dict[str, Any]:
+    def check(self, q: torch.Tensor, seq_len: int, options: dict[str, Any]) -> dict[str, Any]:
+        """Resolved options of one call (`q`: this rank's `[B, S_loc, H, D]` input); raises on bad ones."""
         if options:
             raise TypeError(f"unexpected arguments {sorted(options)}")
         return {}
@@ -116,11 +118,12 @@ class RingImpl(AttentionImpl):
         return out[:, :valid], broadcast_from_first(rep_out, ring)
 
 
-def ring_impl_for(layer: Any, q: torch.Tensor, ring: dist.ProcessGroup, block: int, seq_len: int) -> RingImpl:
-    """A `RingImpl` with the layer's LSE-capable backend (`ValueError` naming the fix when it has none)."""
+def ring_backend(layer: Any, q: torch.Tensor) -> str:
+    """The LSE-capable dense backend ring attention runs for `layer` on `q`'s device, dtype and head dim; a
+    `ValueError` naming the fix when there is none (raised in validation, before any collective)."""
     if layer.causal:
         raise ValueError("causal=True is not supported with ring attention; use ring=1 (pure Ulysses)")
-    return RingImpl(layer, ring, block, seq_len, lse_backend(q, layer.backend, layer.supported_attention_backends))
+    return lse_backend(q, layer.backend, layer.supported_attention_backends)
 
 
 class VSAImpl(AttentionImpl):
@@ -132,21 +135,27 @@ class VSAImpl(AttentionImpl):
     video-only); text queries attend densely to every video token and valid text key.
     """
 
-    def check(self, seq_len, options):
+    def check(self, q, seq_len, options):
         grid_size = options.pop("grid_size", None)
         sparsity = options.pop("sparsity", 0.0)
         implementation = options.pop("implementation", None)
-        super().check(seq_len, options)
+        super().check(q, seq_len, options)
         if implementation is not None and str(implementation).lower() not in ("auto", *VSA_IMPLEMENTATIONS):
             raise ValueError(f"implementation={implementation!r}; allowed: {('auto', *VSA_IMPLEMENTATIONS)}")
+        runs_here = True  # an explicit implementation that cannot run on some rank must not surface after the
+        if implementation is not None and str(implementation).lower() != "auto":  # all-to-all: agreed on instead
+            try:
+                select_backend("vsa", q, requested=implementation, strict=True)
+            except ValueError:
+                runs_here = False
         grid = check_grid(grid_size, seq_len)
         sparsity = check_sparsity(sparsity)
         return {"grid": grid, "sparsity": sparsity, "topk": topk_for_sparsity(sparsity, num_blocks(grid)),
-                "implementation": implementation}
+                "implementation": implementation, "runs_here": runs_here}
 
     def fields(self, options):
-        return {"grid_size": options["grid"], "sparsity": options["sparsity"],
-                "implementation": options["implementation"]}  # topk follows from grid and sparsity
+        return {"grid_size": options["grid"], "sparsity": options["sparsity"],  # topk follows from these two
+                "implementation": options["implementation"], "implementation runs here": options["runs_here"]}
 
     def attend(self, q, k, v, gate, replicated, options):
         layout = tile_layout(options["grid"], q.device)

@@ -32,7 +32,7 @@ from ..distributed.collectives import (
 )
 from ..distributed.groups import SINGLE_PROCESS, SequenceParallelGroups, current_groups
 from .backends import AttentionBackendEnum, dense_attention
-from .impls import AttentionImpl, DenseImpl, Replicated, VSAImpl, ring_impl_for
+from .impls import AttentionImpl, DenseImpl, Replicated, RingImpl, VSAImpl, ring_backend
 from .rotary import RotaryTables, apply_rotary, normalize_rotary_tables
 from .validation import check_head_dim, check_head_split, check_qkv, check_replicated, check_seq_len
 
@@ -168,6 +168,7 @@ class CheckedCall:
     freqs_cis: RotaryTables | None
     options: dict
     fields: dict
+    ring_backend: str | None = None  # the LSE backend of ring attention (ring degree > 1)
 
 
 @dataclass(frozen=True)
@@ -286,7 +287,8 @@ class DistributedAttention(_AttentionBase):
         if has_rep and self.causal:
             raise ValueError("causal=True cannot be combined with replicated tokens")
         seq_len = check_seq_len(call.original_seq_len, q.shape[1], groups.world)
-        options = self.impl.check(seq_len, dict(call.options))
+        options = self.impl.check(q, seq_len, dict(call.options))
+        ring = ring_backend(self, q) if group_size(groups.ring) > 1 else None
         freqs_cis, rotary_len = call.freqs_cis, None
         if freqs_cis is not None:  # checked here, not after the all-to-all: a rank-local error there would hang peers
             freqs_cis = normalize_rotary_tables(freqs_cis, q.shape[-1])
@@ -301,7 +303,7 @@ class DistributedAttention(_AttentionBase):
             "replicated_mask": call.replicated_mask is not None, "freqs_cis (rotary) tokens": rotary_len,
             **self.impl.fields(options),
         }
-        return CheckedCall(seq_len, freqs_cis, options, fields)
+        return CheckedCall(seq_len, freqs_cis, options, fields, ring)
 
     def _communicate(self, call: LayerCall, checked: CheckedCall, groups: Groups
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -327,7 +329,7 @@ class DistributedAttention(_AttentionBase):
             first = head_offset(num_heads, group_size(group), group_rank(group))
             rq, rk, rv = (t[:, :, first:first + q.shape[2]] for t in call.replicated)
             rep = Replicated(rq, rk, rv, call.replicated_mask)
-        impl = self.impl if ring_world == 1 else ring_impl_for(self, q, ring, block, checked.seq_len)
+        impl = self.impl if ring_world == 1 else RingImpl(self, ring, block, checked.seq_len, checked.ring_backend)
         out, rep_out = impl.attend(q, k, v, rest[0] if rest else None, rep, checked.options)
         if rep_out is not None:
             rep_out = all_gather_heads(rep_out, group, num_heads)

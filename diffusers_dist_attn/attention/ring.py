@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..distributed.collectives import group_rank, group_size
 from .backends import attention_backward_with_lse, attention_forward_with_lse, dense_attention_with_lse
 
-__all__ = ["joint_key_mask", "ring_attention"]
+__all__ = ["joint_key_mask", "merge_partials", "ring_attention"]
 
 _KV_TAG, _GRAD_TAG = 0, 1
 
@@ -44,7 +44,7 @@ def _wait(works: list) -> None:
         work.wait()
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+def merge_partials(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
     """Exact merge of two softmax partials: `out [B, S, H, D]`, `lse [B, H, S]` (either may be -inf)."""
     new = torch.logaddexp(lse, lse_b)
     safe = new.masked_fill(torch.isinf(new), 0.0)
@@ -72,7 +72,7 @@ class _RingAttention(torch.autograd.Function):
         aux_extra = None
         if extra_k is not None and q.shape[1]:  # the extra keys as their own block (only it carries the mask)
             out_b, lse_b, aux_extra = attention_forward_with_lse(q, extra_k, extra_v, scale, extra_mask, backend)
-            out, lse = _merge(out, lse, out_b.to(acc), lse_b.to(acc))
+            out, lse = merge_partials(out, lse, out_b.to(acc), lse_b.to(acc))
         auxes = [aux_extra]
         for step in range(world):
             if step + 1 < world:
@@ -83,7 +83,7 @@ class _RingAttention(torch.autograd.Function):
             if length and q.shape[1]:
                 out_b, lse_b, aux = attention_forward_with_lse(q, kv[0, :, :length], kv[1, :, :length], scale, None,
                                                                backend)
-                out, lse = _merge(out, lse, out_b.to(acc), lse_b.to(acc))
+                out, lse = merge_partials(out, lse, out_b.to(acc), lse_b.to(acc))
             auxes.append(aux)
             if step + 1 < world:
                 _wait(works)

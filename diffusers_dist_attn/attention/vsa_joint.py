@@ -26,6 +26,7 @@ import torch
 from ..vsa.op_contract import prepare_tiled
 from ..vsa.tiling import BLOCK
 from .backends import attention_backward_with_lse, attention_forward_with_lse
+from .ring import merge_partials
 
 __all__ = ["vsa_with_text"]
 
@@ -33,10 +34,11 @@ _LN2 = math.log(2.0)
 
 
 def _merge_torch(out_s, lse2, out_t, lse_t, out_c, gate):
-    """`(out, fine, lse)` of the merge, in PyTorch (CPU; the reference of the Triton merge kernel)."""
-    lse_s = lse2 * _LN2  # the kernels keep base-2 LSEs
-    lse = torch.logaddexp(lse_s, lse_t)
-    fine = out_s.float() * torch.exp(lse_s - lse)[..., None] + out_t.float() * torch.exp(lse_t - lse)[..., None]
+    """`(out, fine, lse)` of the merge, in PyTorch (CPU; the reference of the Triton merge kernel): the two softmax
+    partials merged by `ring.merge_partials` (on `[B, S, H, D]` views), then the gated coarse term."""
+    fine, lse = merge_partials(out_s.float().transpose(1, 2), lse2 * _LN2,  # the kernels keep base-2 LSEs
+                               out_t.float().transpose(1, 2), lse_t.float())
+    fine = fine.transpose(1, 2)
     coarse = out_c.repeat_interleave(BLOCK, dim=2)
     out = fine + (coarse if gate is None else coarse * gate.float())
     return out.to(out_s.dtype), fine.to(out_s.dtype), lse

@@ -14,13 +14,12 @@ to 256 tokens as in the real pipeline, so the text mask is partly padded.
 from __future__ import annotations
 
 import argparse
+import functools
 import string
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import HunyuanVideoPipeline
-from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
 from . import check_pipeline_folder, class_name_of, vae_config_int
 
@@ -28,7 +27,7 @@ __all__ = [
     "NAME",
     "DEFAULTS",
     "TRANSFORMER_PRESETS",
-    "TinyHunyuanVideoPipeline",
+    "TinyHunyuanVideoPipeline",  # noqa: F822 - provided by the module __getattr__ (built on first use)
     "build_tokenizers",
     "tiny_prompt_template",
     "build_tiny_pipeline",
@@ -122,18 +121,35 @@ def tiny_prompt_template(llama_tokenizer) -> dict[str, Any]:
     return {"template": _SYSTEM + _USER + "{}<|eot_id|>", "crop_start": len(prefix)}
 
 
-class TinyHunyuanVideoPipeline(HunyuanVideoPipeline):
-    """`HunyuanVideoPipeline` whose default prompt template fits its embedded tokenizer.
+@functools.cache
+def _tiny_pipeline_class() -> type:
+    # built on first use: importing diffusers' HunyuanVideo pipeline (and transformers) costs ~1.5 s, which every
+    # command would otherwise pay when it reads this module's DEFAULTS for its help text
+    from diffusers import HunyuanVideoPipeline
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-    diffusers' default template crops the first 95 tokens (the real Llama tokenizer's template prefix); the tiny
-    tokenizer splits text differently, so the default is replaced by `tiny_prompt_template(self.tokenizer)`. An
-    explicitly passed template is used as given.
-    """
+    class TinyHunyuanVideoPipeline(HunyuanVideoPipeline):
+        """`HunyuanVideoPipeline` whose default prompt template fits its embedded tokenizer.
 
-    def _get_llama_prompt_embeds(self, prompt, prompt_template, *args, **kwargs):
-        if prompt_template == DEFAULT_PROMPT_TEMPLATE:
-            prompt_template = tiny_prompt_template(self.tokenizer)
-        return super()._get_llama_prompt_embeds(prompt, prompt_template, *args, **kwargs)
+        diffusers' default template crops the first 95 tokens (the real Llama tokenizer's template prefix); the
+        tiny tokenizer splits text differently, so the default is replaced by `tiny_prompt_template(self.tokenizer)`.
+        An explicitly passed template is used as given.
+        """
+
+        def _get_llama_prompt_embeds(self, prompt, prompt_template, *args, **kwargs):
+            if prompt_template == DEFAULT_PROMPT_TEMPLATE:
+                prompt_template = tiny_prompt_template(self.tokenizer)
+            return super()._get_llama_prompt_embeds(prompt, prompt_template, *args, **kwargs)
+
+    TinyHunyuanVideoPipeline.__module__ = __name__
+    TinyHunyuanVideoPipeline.__qualname__ = "TinyHunyuanVideoPipeline"  # importable by name (module __getattr__)
+    return TinyHunyuanVideoPipeline
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TinyHunyuanVideoPipeline":
+        return _tiny_pipeline_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_tiny_pipeline(
@@ -176,7 +192,7 @@ def build_tiny_pipeline(
         transformer = HunyuanVideoTransformer3DModel(**config).eval()
     finally:
         torch.set_default_dtype(previous)
-    pipe = TinyHunyuanVideoPipeline(
+    pipe = _tiny_pipeline_class()(
         tokenizer=llama_tok, text_encoder=text_encoder, tokenizer_2=clip_tok, text_encoder_2=text_encoder_2,
         transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
     )
@@ -207,10 +223,10 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     """A local diffusers HunyuanVideo text-to-video folder (`HunyuanVideoPipeline`, or a saved tiny pipeline); the
     VAE is loaded in fp32 with tiling on. Raises `ValueError` naming what was found when `path` is not such a
     folder (`check_folder`)."""
-    from diffusers import AutoencoderKLHunyuanVideo
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline
 
     root = check_folder(path)
-    classes = {"HunyuanVideoPipeline": HunyuanVideoPipeline, "TinyHunyuanVideoPipeline": TinyHunyuanVideoPipeline}
+    classes = {"HunyuanVideoPipeline": HunyuanVideoPipeline, "TinyHunyuanVideoPipeline": _tiny_pipeline_class()}
     vae = AutoencoderKLHunyuanVideo.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32)
     vae.enable_tiling()
     return classes[class_name_of(root / "model_index.json")].from_pretrained(root, vae=vae, torch_dtype=dtype)

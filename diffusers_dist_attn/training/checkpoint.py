@@ -13,11 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .. import atomic
-from ..atomic import atomic_dir, atomic_file
-
-__all__ = ["CHECKPOINT_RE", "atomic_dir", "atomic_file", "list_checkpoints", "latest_checkpoint",
-           "remove_stale_temps", "write_json"]
+__all__ = ["CHECKPOINT_RE", "list_checkpoints", "latest_checkpoint", "write_json"]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -42,7 +38,3 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
 
-
-def remove_stale_temps(output_dir: Path) -> list[Path]:
-    """Delete temporary files and folders left in `output_dir` by killed runs (`atomic.remove_stale_temps`)."""
-    return atomic.remove_stale_temps(output_dir)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint as ckpt
+from .. import atomic
 
 __all__ = ["add_parser", "run", "VIDEO_SUFFIXES"]
 
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        ckpt.remove_stale_temps(out)
+        atomic.remove_stale_temps(out)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
         else torch.device("cpu")
     pipe = (wan.build_tiny_pipeline(args.seed) if args.model is None
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                 frames = _read_frames(video, args.num_frames)
             sample = _encode(pipe, frames, caption, args)
             meta = {"caption": caption, "source": video.name}
-            ckpt.atomic_file(out / f"{video.stem}.safetensors",
+            atomic.atomic_file(out / f"{video.stem}.safetensors",
                              lambda tmp, s=sample, m=meta: save_file(s, str(tmp), metadata=m))
             if bar is not None:
                 bar.update(1)

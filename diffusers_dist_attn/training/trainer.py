@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import atomic
 from ..distributed import SequenceParallelGroups, agree, get_sequence_parallel_groups
 from . import checkpoint as ckpt
 from .data import ModelSpec, check_samples, collate, folder_samples, synthetic_samples
@@ -308,7 +309,7 @@ class Trainer:
         out = Path(self.config.output_dir)
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temps(out)
+            atomic.remove_stale_temps(out)
             if self.config.overwrite and self.resume_from is None:
                 for _, path in ckpt.list_checkpoints(out):
                     shutil.rmtree(path)
@@ -559,7 +560,7 @@ class Trainer:
         if not self.is_main:
             return None
         final = Path(self.config.output_dir) / f"checkpoint-{step}"
-        return ckpt.atomic_dir(final, lambda tmp: self._write_outputs(tmp, step, optimizer=True), replace=True)
+        return atomic.atomic_dir(final, lambda tmp: self._write_outputs(tmp, step, optimizer=True), replace=True)
 
     def _load(self, folder: Path) -> None:
         from safetensors.torch import load_file
@@ -589,13 +590,13 @@ class Trainer:
         latest = out / f"checkpoint-{step}"
         for name in (GATES_FILE, LORA_FILE):
             if (latest / name).is_file():
-                ckpt.atomic_file(out / name, lambda tmp, src=latest / name: shutil.copyfile(src, tmp))
+                atomic.atomic_file(out / name, lambda tmp, src=latest / name: shutil.copyfile(src, tmp))
         if "full" in self.config.train:
             self._write_full(out / "transformer")
         log = {"config": _jsonable(asdict(self.config)), "world_size": self.groups.world_size,
                "sp": self.groups.sp_size, "dp": self.groups.dp_size, "trainable_parameters":
                sum(p.numel() for _, p in self.trainable), "steps": self.records}
-        ckpt.atomic_file(out / "train_log.json", lambda tmp: ckpt.write_json(tmp, log))
+        atomic.atomic_file(out / "train_log.json", lambda tmp: ckpt.write_json(tmp, log))
         if self.config.plot and self.records:
             self._plot(out / "loss.png")
 
@@ -610,7 +611,7 @@ class Trainer:
                      if ".to_gate_compress." not in k}
             save_file(state, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
-        ckpt.atomic_dir(final, write, replace=True)
+        atomic.atomic_dir(final, write, replace=True)
 
     def _plot(self, path: Path) -> None:
         try:
@@ -629,7 +630,7 @@ class Trainer:
         ax.set_title(f"{','.join(self.config.train)} / {self.config.attention} / sp {self.groups.sp_size} x dp "
                      f"{self.groups.dp_size}")
         fig.tight_layout()
-        ckpt.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=100))
+        atomic.atomic_file(path, lambda tmp: fig.savefig(tmp, dpi=100))
         plt.close(fig)
 
     # -- the loop -----------------------------------------------------------------------------------------------
