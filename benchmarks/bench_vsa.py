@@ -164,15 +164,15 @@ def _stage_state(shape, sparsity) -> dict:
     st["bs"] = torch.full((n,), 64, device="cuda", dtype=torch.int32)
     st["qc"], st["kc"], st["vc"] = kern.block_means(q, k, v, st["bs"])
     st["out_c"], _, st["sel"], st["idx"], st["num"] = kern.coarse_select(
-        st["qc"], st["kc"], st["vc"], st["topk"], st["scale"]
+        st["qc"], st["kc"], st["vc"], st["topk"], st["scale"], st["bs"]
     )
     st["out"], st["lse"], st["out_s"] = kern.sparse_fwd(
         q, k, v, g, st["out_c"], st["idx"], st["num"], st["bs"], st["scale"], True
     )
     st["dout"] = torch.randn_like(q)
-    st["delta"], _, st["doc"] = kern.bwd_preprocess(st["dout"], st["out_s"], g, st["out_c"])
+    st["delta"], _, st["doc"] = kern.bwd_preprocess(st["dout"], st["out_s"], g, st["out_c"], st["bs"])
     st["dqc"], st["dkc"], st["dvc"] = triton_ops.coarse_backward(st["doc"], st["qc"], st["kc"], st["vc"], st["scale"])
-    st["k2q"], st["k2qn"] = kern.build_k2q(st["sel"])
+    st["k2q"], st["k2qn"] = kern.build_k2q(st["sel"], st["bs"])
     _STATE.update(st)
     return _STATE
 
@@ -186,12 +186,12 @@ def _stage_fns(st: dict) -> dict:
     grad = (q, k, v, st["dout"], st["lse"], st["delta"])
     fns = {
         "block_means": lambda: kern.block_means(q, k, v, bs),
-        "coarse_select": lambda: kern.coarse_select(st["qc"], st["kc"], st["vc"], topk, scale),
+        "coarse_select": lambda: kern.coarse_select(st["qc"], st["kc"], st["vc"], topk, scale, bs),
         "sparse_fwd": lambda: kern.sparse_fwd(q, k, v, g, st["out_c"], st["idx"], st["num"], bs, scale, False),
-        "bwd_preprocess": lambda: kern.bwd_preprocess(st["dout"], st["out_s"], g, st["out_c"]),
+        "bwd_preprocess": lambda: kern.bwd_preprocess(st["dout"], st["out_s"], g, st["out_c"], bs),
         "coarse_backward_torch": lambda: triton_ops.coarse_backward(st["doc"], st["qc"], st["kc"], st["vc"], scale),
         "bwd_dq": lambda: kern.sparse_bwd_dq(*grad, st["dqc"], st["idx"], st["num"], bs, scale),
-        "build_k2q": lambda: kern.build_k2q(st["sel"]),
+        "build_k2q": lambda: kern.build_k2q(st["sel"], bs),
         "bwd_dkdv": lambda: kern.sparse_bwd_dkdv(
             *grad, st["dkc"], st["dvc"], st["k2q"], st["k2qn"], bs, scale, topk == bs.numel()
         ),

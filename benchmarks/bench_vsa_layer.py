@@ -7,7 +7,9 @@ HunyuanVideo 720p/129f 33x45x80 H6 (a 4-GPU shard) with 256 text tokens (200 val
 run: cuDNN dense SDPA over the video tokens (+ all text tokens for HunyuanVideo), our Triton kernel on pre-tiled
 input (`vsa_tiled_triton`), fastvideo-kernel on the same tiled input (when importable), and the public layer
 `DistributedAttention_VSA` (world 1, `[B, S, H, D]` in and out) on Triton and (`--cuda`) on the compiled sm_90a
-forward (`kernel_cuda` / `layer_cuda`), and with text on the automatic choice. Inputs: `random` (normal)
+forward (`kernel_cuda` / `layer_cuda`), and with text on the automatic choice; `--one-class` adds the Triton
+kernel and layer with every block read as a 64-row tile (`*_1class`: no size classes, the kernels before the
+split) beside the default. Inputs: `random` (normal)
 and `smooth` (low-frequency fields over (t, h, w) plus noise, so neighbouring tiles select overlapping key
 blocks as real video attention does). Timing: `triton.testing.do_bench` medians (see `bench_vsa.py`); TFLOP/s on
 the computed 64x64 blocks (`4 B H N 64 topk 64 D`, x3.5 for forward+backward). Writes `vsa_layer_<tag>.json` and
@@ -35,7 +37,7 @@ from bench_vsa import FWD_BWD_FACTOR, _time_pair  # noqa: E402
 
 from diffusers_dist_attn import DistributedAttention_VSA  # noqa: E402
 from diffusers_dist_attn.attention import selection_report  # noqa: E402
-from diffusers_dist_attn.vsa import cuda_ops, triton_ops  # noqa: E402
+from diffusers_dist_attn.vsa import cuda_ops, triton_kernels, triton_ops  # noqa: E402
 from diffusers_dist_attn.vsa.tiling import tile, tile_layout, topk_for_sparsity  # noqa: E402
 
 CASES = [  # name, grid, heads, text tokens (valid)
@@ -97,12 +99,15 @@ def run_case(name, grid, heads, text, kind, sparsity, fastvideo) -> list[dict]:
             "tokens": s, "tiles": n, "pad_fraction": 1 - s / layout.tiled_len, "topk": topk}
     rows = []
 
-    def add(method, fn, inputs, flops=computed):
+    def add(method, fn, inputs, flops=computed, size_classes=True):
+        triton_kernels.SIZE_CLASSES = size_classes  # read at every launch, forward and backward
         try:
             fwd, fwdbwd = _time_pair(fn, inputs)
         except Exception as exc:  # noqa: BLE001 - a method that fails is reported, not fatal
             print(f"{name} {kind} {method}: FAILED {type(exc).__name__}: {exc}")
             return
+        finally:
+            triton_kernels.SIZE_CLASSES = True
         rows.append({**info, "method": method, "fwd_ms": fwd, "fwdbwd_ms": fwdbwd,
                      "fwd_tflops": flops / fwd / 1e9, "fwdbwd_tflops": FWD_BWD_FACTOR * flops / fwdbwd / 1e9})
         print(f"{name:11s} {kind:6s} s={sparsity} {method:22s} fwd {fwd:8.2f} ms  fwd+bwd {fwdbwd:8.2f} ms", flush=True)
@@ -121,6 +126,9 @@ def run_case(name, grid, heads, text, kind, sparsity, fastvideo) -> list[dict]:
     tiled = [tile(x, layout) for x in (q, k, v, g)]
     sizes = layout.block_sizes
     add("kernel_triton", lambda q, k, v, g: triton_ops.vsa_tiled_triton(q, k, v, g, sizes, topk), tiled)
+    if ONE_CLASS:
+        add("kernel_triton_1class", lambda q, k, v, g: triton_ops.vsa_tiled_triton(q, k, v, g, sizes, topk), tiled,
+            size_classes=False)
     if CUDA_BUILT:
         add("kernel_cuda", lambda q, k, v, g: cuda_ops.vsa_tiled_cuda(q, k, v, g, sizes, topk), tiled)
     if fastvideo is not None:
@@ -131,6 +139,10 @@ def run_case(name, grid, heads, text, kind, sparsity, fastvideo) -> list[dict]:
         add(f"layer_{impl}", lambda q, k, v, g, impl=impl: layer(q, k, v, gate_compress=g, grid_size=grid,
                                                                   sparsity=sparsity, implementation=impl)[0],
             [q, k, v, g])
+    if ONE_CLASS:
+        add("layer_triton_1class", lambda q, k, v, g: layer(q, k, v, gate_compress=g, grid_size=grid,
+                                                            sparsity=sparsity, implementation="triton")[0],
+            [q, k, v, g], size_classes=False)
     if text is not None:
         mask = torch.zeros(1, text_len, dtype=torch.bool, device="cuda")
         mask[:, :text[1]] = True
@@ -145,6 +157,7 @@ def run_case(name, grid, heads, text, kind, sparsity, fastvideo) -> list[dict]:
 
 CLI_SPARSITIES = [0.875, 0.9]
 CUDA_BUILT = False  # set by --cuda when the sm_90a extension builds
+ONE_CLASS = False  # set by --one-class
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -176,7 +189,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    global CUDA_BUILT
+    global CUDA_BUILT, ONE_CLASS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--tag", default="gpu")
@@ -184,7 +197,10 @@ def main(argv=None) -> None:
     parser.add_argument("--inputs", nargs="*", default=["random", "smooth"])
     parser.add_argument("--sparsity", type=float, nargs="*", default=CLI_SPARSITIES)
     parser.add_argument("--cuda", action="store_true", help="also the compiled sm_90a forward (builds it)")
+    parser.add_argument("--one-class", action="store_true",
+                        help="also the Triton kernel and layer without size classes (every tile 64 rows)")
     args = parser.parse_args(argv)
+    ONE_CLASS = args.one_class
     CLI_SPARSITIES[:] = args.sparsity
     if args.cuda:
         os.environ[cuda_ops.ENABLE_ENV] = "1"  # the compiled forward joins the automatic order (and layer_text)

@@ -66,12 +66,16 @@ def _lists(kind: str, sparsity: float) -> dict:
     bs = layout.block_sizes
     topk = topk_for_sparsity(sparsity, layout.num_blocks)
     qc, kc, vc = kern.block_means(q, k, v, bs)
-    out_c, _, _, idx, num = kern.coarse_select(qc, kc, vc, topk, D**-0.5)
+    out_c, _, _, idx, num = kern.coarse_select(qc, kc, vc, topk, D**-0.5, bs)
+    kern.SIZE_CLASSES = False  # the same lists as one 64-row class (Triton's fine stage before the split)
+    idx_1class, num_1class = kern.coarse_select(qc, kc, vc, topk, D**-0.5, bs)[3:]
+    kern.SIZE_CLASSES = True
     n = layout.num_blocks
     sel = torch.zeros(*idx.shape[:3], n, dtype=torch.bool, device="cuda").scatter_(-1, idx.long(), True)
     pair_union = (sel[:, :, 0:n - 1:2] | sel[:, :, 1::2]).sum(-1).float()
     overlap = (pair_union / (2 * topk)).mean().item()
     return {"q": q, "k": k, "v": v, "g": g, "bs": bs, "out_c": out_c, "idx": idx, "num": num, "topk": topk,
+            "idx_1class": idx_1class, "num_1class": num_1class,
             "overlap": overlap, "flops": 4.0 * HEADS * n * 64 * topk * 64 * D}
 
 
@@ -97,6 +101,8 @@ def main() -> None:
     for case, st in cases.items():
         fine = (st["q"], st["k"], st["v"], st["g"], st["out_c"], st["idx"], st["num"], st["bs"], scale)
         rows.setdefault("triton", {})[case] = bench_vsa._median_ms(lambda fine=fine: kern.sparse_fwd(*fine, False))
+        one = (*fine[:5], st["idx_1class"], st["num_1class"], *fine[7:])
+        rows.setdefault("triton_1class", {})[case] = bench_vsa._median_ms(lambda one=one: kern.sparse_fwd(*one, False))
     for name in [*args.variants, *files]:
         os.environ[cuda_build.KERNELS_ENV] = str(_variant_dir(name, VARIANTS.get(name), files.get(name)))
         built = cuda_build.build()

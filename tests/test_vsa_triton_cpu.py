@@ -62,7 +62,7 @@ def test_fake_tensor_shapes():
     shapes = [tuple(t.shape) for t in outs]
     assert shapes == [
         (2, 3, 640, 128), (2, 3, 640), (2, 3, 640, 128), (2, 3, 10, 128), (2, 3, 10, 10), (2, 3, 10, 4),
-        (2, 3, 10), (2, 3, 10, 128), (2, 3, 10, 128), (2, 3, 10, 128),
+        (2, 3, 10, 3), (2, 3, 10, 128), (2, 3, 10, 128), (2, 3, 10, 128),
     ]  # fmt: skip
     assert [t.dtype for t in outs[1:7]] == [torch.float32, torch.bfloat16, torch.float32, torch.uint8] + [
         torch.int32
@@ -140,26 +140,41 @@ def test_torch_compile_fullgraph_traces_without_break():
         assert torch.equal(a, b)
 
 
-def test_topk_select_exact_k_ties_to_lower_index():
+def _grouped(blocks: list[int], sizes: torch.Tensor) -> list[int]:
+    """`blocks` ordered by size class (more than 32 real tokens, 17-32, up to 16), ascending inside a class."""
+    return sorted(blocks, key=lambda j: (int(sizes[j] <= 32) + int(sizes[j] <= 16), j))
+
+
+def _ends(blocks: list[int], sizes: torch.Tensor) -> list[int]:
+    return [sum(int(sizes[j] <= 32) + int(sizes[j] <= 16) <= c for j in blocks) for c in range(3)]
+
+
+def test_topk_select_exact_k_ties_to_lower_index_grouped_by_size():
+    sizes = torch.tensor([64, 16, 48, 32, 8, 64, 24, 64, 12, 40] * 2, dtype=torch.int32)
     scores = torch.randn(2, 3, 20, 20, dtype=torch.float64)
-    sel, idx, num = triton_ops.topk_select_torch(scores, 5)
-    assert (sel.sum(-1) == 5).all() and (num == 5).all()
-    assert torch.equal(idx.long(), torch.topk(scores, 5).indices.sort(-1).values)
+    sel, idx, num = triton_ops.topk_select_torch(scores, 5, sizes)
+    assert (sel.sum(-1) == 5).all() and (num[..., 2] == 5).all()
+    top = torch.topk(scores, 5).indices
+    for row in range(20):
+        blocks = top[1, 2, row].tolist()
+        assert idx[1, 2, row].tolist() == _grouped(blocks, sizes)
+        assert num[1, 2, row].tolist() == _ends(blocks, sizes)
     tied = torch.zeros(1, 1, 3, 10)
     tied[0, 0, 1, 7] = 1.0
-    sel, idx, _ = triton_ops.topk_select_torch(tied, 3)
+    sel, idx, _ = triton_ops.topk_select_torch(tied, 3, torch.full((10,), 64))
     assert idx[0, 0].tolist() == [[0, 1, 2], [0, 1, 7], [0, 1, 2]]
 
 
-def test_k2q_from_mask_inverts_selection():
+def test_k2q_from_mask_inverts_selection_grouped_by_size():
+    sizes = torch.tensor([64, 16, 48, 32, 8, 64, 24, 64, 12, 40, 64, 1, 33, 17, 64, 64, 2], dtype=torch.int32)
     sel = (torch.rand(2, 2, 17, 17) < 0.3).to(torch.uint8)
-    k2q, num = triton_ops.k2q_from_mask_torch(sel)
+    k2q, num = triton_ops.k2q_from_mask_torch(sel, sizes)
     for b in range(2):
         for h in range(2):
             for j in range(17):
                 want = torch.nonzero(sel[b, h, :, j]).flatten().tolist()
-                assert num[b, h, j].item() == len(want)
-                assert k2q[b, h, j, : len(want)].tolist() == want
+                assert num[b, h, j].tolist() == _ends(want, sizes)
+                assert k2q[b, h, j, : len(want)].tolist() == _grouped(want, sizes)
 
 
 def test_coarse_backward_matches_autograd():

@@ -9,11 +9,12 @@ partial softmaxes merged through their log-sum-exps, the way ring attention merg
   without a mask, its memory-efficient kernel with a key mask, exact math elsewhere);
 - `fine = out_s * exp(lse_s - lse) + out_t * exp(lse_t - lse)`, `lse = logaddexp(lse_s, lse_t)`, and the coarse
   term `rep64(out_c) * gate` is added as in VSA without text (one fused Triton kernel on CUDA,
-  `vsa_joint_triton.py`; PyTorch elsewhere).
+  `vsa_joint_triton.py`; PyTorch elsewhere); zero at pad slots, as VSA's output is.
 
 Backward: each part's gradients computed with the *merged* output and LSE are its slice of the joint softmax's
 gradients (FlashAttention's identity), so the VSA backward op gets `(fine, lse)` in place of its own `(out_s,
-lse_s)` and the text part runs the dense backward with the same pair; their `dq` add up.
+lse_s)` and the text part runs the dense backward with the same pair; their `dq` add up. `dout` is zeroed at pad
+slots first (no gradient flows from them; the VSA op ignores it there on its own).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import math
 import torch
 
 from ..vsa.op_contract import prepare_tiled
+from ..vsa.reference import real_slots
 from ..vsa.tiling import BLOCK
 from .backends import attention_backward_with_lse, attention_forward_with_lse
 from .ring import merge_partials
@@ -33,13 +35,14 @@ __all__ = ["vsa_with_text"]
 _LN2 = math.log(2.0)
 
 
-def _merge_torch(out_s, lse2, out_t, lse_t, out_c, gate):
+def _merge_torch(out_s, lse2, out_t, lse_t, out_c, gate, block_sizes):
     """`(out, fine, lse)` of the merge, in PyTorch (CPU; the reference of the Triton merge kernel): the two softmax
-    partials merged by `ring.merge_partials` (on `[B, S, H, D]` views), then the gated coarse term."""
+    partials merged by `ring.merge_partials` (on `[B, S, H, D]` views), then the gated coarse term; zero at pad
+    slots."""
     fine, lse = merge_partials(out_s.float().transpose(1, 2), lse2 * _LN2,  # the kernels keep base-2 LSEs
                                out_t.float().transpose(1, 2), lse_t.float())
-    fine = fine.transpose(1, 2)
-    coarse = out_c.repeat_interleave(BLOCK, dim=2)
+    fine = fine.transpose(1, 2) * real_slots(block_sizes, out_s.device)[:, None]
+    coarse = out_c.repeat_interleave(BLOCK, dim=2) * real_slots(block_sizes, out_s.device)[:, None]
     out = fine + (coarse if gate is None else coarse * gate.float())
     return out.to(out_s.dtype), fine.to(out_s.dtype), lse
 
@@ -52,11 +55,11 @@ if importlib.util.find_spec("triton") is not None:
         _merge_triton = None
 
 
-def _merge(out_s, lse2, out_t, lse_t, out_c, gate):
+def _merge(out_s, lse2, out_t, lse_t, out_c, gate, block_sizes):
     """Out `[B, H, 64 N, D]`, fine output (q's dtype) and merged natural LSE `[B, H, 64 N]`."""
     if out_s.is_cuda and _merge_triton is not None and out_s.shape[-1] in (64, 128):
-        return _merge_triton(out_s, lse2, out_t, lse_t, out_c, gate)
-    return _merge_torch(out_s, lse2, out_t, lse_t, out_c, gate)
+        return _merge_triton(out_s, lse2, out_t, lse_t, out_c, gate, block_sizes)
+    return _merge_torch(out_s, lse2, out_t, lse_t, out_c, gate, block_sizes)
 
 
 class _VSAWithText(torch.autograd.Function):
@@ -68,7 +71,7 @@ class _VSAWithText(torch.autograd.Function):
         out_t, lse_t, aux = attention_forward_with_lse(q.transpose(1, 2), text_k.transpose(1, 2),
                                                        text_v.transpose(1, 2), scale, text_mask, None,
                                                        native_out=True)
-        out, fine, lse = _merge(out_s, lse2, out_t.transpose(1, 2), lse_t, out_c, gate)
+        out, fine, lse = _merge(out_s, lse2, out_t.transpose(1, 2), lse_t, out_c, gate, block_sizes)
         ctx.save_for_backward(q, k, v, gate, block_sizes, fine, lse, out_c, sel, idx, num, qc, kc, vc, text_k, text_v,
                               text_mask)
         ctx.scale, ctx.aux = scale, aux
@@ -80,7 +83,7 @@ class _VSAWithText(torch.autograd.Function):
             return (None,) * 11
         q, k, v, gate, block_sizes, fine, lse, out_c, sel, idx, num, qc, kc, vc, text_k, text_v, text_mask = \
             ctx.saved_tensors
-        dout = dout.contiguous()
+        dout = (dout * real_slots(block_sizes, dout.device)[:, None]).contiguous()
         dq, dk, dv, dgate = torch.ops.diffusers_dist_attn.vsa_bwd(
             dout, q, k, v, gate, fine, (lse / _LN2).contiguous(), out_c, sel, idx, num, qc, kc, vc, block_sizes,
             ctx.scale)

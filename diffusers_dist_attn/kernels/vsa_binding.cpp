@@ -4,7 +4,7 @@
 // sparse_fwd(q, k, v, gate?, out_c, q2k_idx, q2k_num, block_sizes, scale, out, out_s?, lse) writes `out`, `out_s`
 // (when given) and `lse` in place; the caller allocates them (so tests can poison them first). Shapes as in
 // `triton_kernels.sparse_fwd`: q, k, v, gate, out, out_s bf16 [B, H, 64N, D]; out_c fp32 [B, H, N, D]; q2k_idx int32
-// [B, H, N, maxk]; q2k_num int32 [B, H, N]; block_sizes int32 [N]; lse fp32 [B, H, 64N].
+// [B, H, N, maxk]; q2k_num int32 [B, H, N, 3] (ends of the size-class groups); block_sizes int32 [N]; lse fp32 [B, H, 64N].
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -42,7 +42,7 @@ void sparse_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   if (gate.has_value()) check(*gate, bf16, {b, h, s, d}, "gate");
   check(out_c, at::kFloat, {b, h, n, d}, "out_c");
   check(q2k_idx, at::kInt, {b, h, n, maxk}, "q2k_idx");
-  check(q2k_num, at::kInt, {b, h, n}, "q2k_num");
+  check(q2k_num, at::kInt, {b, h, n, 3}, "q2k_num");
   check(block_sizes, at::kInt, {n}, "block_sizes");
   check(out, bf16, {b, h, s, d}, "out");
   if (out_s.has_value()) check(*out_s, bf16, {b, h, s, d}, "out_s");

@@ -7,11 +7,13 @@
 //
 // Contract (same as `_fwd_kernel` in diffusers_dist_attn/vsa/triton_kernels.py), per (batch*head bh, query block
 // qb) with S = 64 N tokens per head:
-//   for t < q2k_num[bh, qb]:  kb = q2k_idx[bh, qb, t];  keys/values = rows kb*64 .. kb*64+63 of K[bh], V[bh]
+//   for t < q2k_num[bh, qb, 2]:  kb = q2k_idx[bh, qb, t];  keys/values = rows kb*64 .. kb*64+63 of K[bh], V[bh]
 //   logits = Q_blk K_kb^T * scale, key slots >= block_sizes[kb] masked to -inf; online softmax (base 2)
 //   out_s = softmax(...) V;  out = out_s + out_c[bh, qb, :] (* gate);  lse = m + log2(l) (base 2, of s*scale*log2e)
-// All 64 query rows of a block are computed (pad query rows too, as the Triton kernel does). Precondition:
-// 1 <= q2k_num <= maxk (the op's top-k is >= 1; a consumer with an empty list would wait for a tile forever).
+// out and out_s are zero at pad query rows (slots >= block_sizes[qb]). q2k_num holds the ends of the lists' three
+// size-class groups; this kernel reads every key block as a 64-row tile, so it needs only the last end.
+// Precondition: 1 <= q2k_num[.., 2] <= maxk (the op's top-k is >= 1; a consumer with an empty list would wait for a
+// tile forever).
 //
 // CTA layout (384 threads = 3 warpgroups, one CTA per SM: __launch_bounds__(384, 1)):
 //   warpgroup 0 = producer: warp c (c < kConsumers), lane 0, streams the Q tile and the listed K/V tiles of
@@ -34,8 +36,8 @@
 //
 // Measured and not kept (benchmarks/NOTES.md, git history): one K/V ring shared by both consumers over the union
 // of their lists (slower: the consumers run in lockstep), FA3's inter-warpgroup ping-pong of the GEMM issues
-// (slower without more overlap to gain). Not done: a persistent grid, TMA stores of O (stmatrix), skipping the
-// pad rows of partial tiles, fp16 inputs, the backward (Triton's is used).
+// (slower without more overlap to gain). Not done: a persistent grid, TMA stores of O (stmatrix), reading partial
+// tiles as 16- or 32-row tiles (the Triton kernels' size classes), fp16 inputs, the backward (Triton's is used).
 
 #include <cuda_bf16.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
@@ -89,7 +91,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* tm_q, const CUtensorM
     tma_load_2d(ring + h * kHalfBytes, tm_q, &bars.q_full[c], h * 64, row_base + qb * kBlock);
 
   const int32_t* list = p.q2k_idx + static_cast<int64_t>(tile) * p.maxk;
-  const int num = p.q2k_num[tile];
+  const int num = p.q2k_num[tile * 3 + 2];
   for (int t = 0; t < num; ++t) {
     const int s = t % kStages;
     const uint32_t phase = (t / kStages) & 1;
@@ -126,7 +128,7 @@ __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_
   const int cq = (lane % 4) * 2;
   const float qk_scale = p.scale * kLog2e;
   const int32_t* list = p.q2k_idx + static_cast<int64_t>(tile) * p.maxk;
-  const int num = p.q2k_num[tile];
+  const int num = p.q2k_num[tile * 3 + 2];
   const uint32_t q_addr = smem_u32(ring);
 
   float o[C::kAcc];
@@ -264,6 +266,7 @@ __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_
   // ---- epilogue: out_s = O / l; out = out_s + out_c (* gate); lse = m + log2(l)
   const int row_first = tile * kBlock;  // first row of the tile in the [BH*S, D] view (tile = bh * N + qb)
   const float* oc_row = p.out_c + static_cast<int64_t>(tile) * D;
+  const int valid_rows = p.block_sizes[tile % p.n];
   const __nv_bfloat16* gate = static_cast<const __nv_bfloat16*>(p.gate);
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
   __nv_bfloat16* out_s = static_cast<__nv_bfloat16*>(p.out_s);
@@ -290,8 +293,12 @@ __device__ __forceinline__ void consume(const FwdArgs& p, Barriers& bars, uint8_
         w.x *= g.x;
         w.y *= g.y;
       }
-      *reinterpret_cast<__nv_bfloat162*>(out + at) = __floats2bfloat162_rn(s0 + w.x, s1 + w.y);
-      if (out_s != nullptr) *reinterpret_cast<__nv_bfloat162*>(out_s + at) = __floats2bfloat162_rn(s0, s1);
+      const bool real = r0 + 8 * i < valid_rows;  // pad query rows: zero
+      *reinterpret_cast<__nv_bfloat162*>(out + at) =
+          real ? __floats2bfloat162_rn(s0 + w.x, s1 + w.y) : __floats2bfloat162_rn(0.f, 0.f);
+      if (out_s != nullptr)
+        *reinterpret_cast<__nv_bfloat162*>(out_s + at) =
+            real ? __floats2bfloat162_rn(s0, s1) : __floats2bfloat162_rn(0.f, 0.f);
     }
   }
 }

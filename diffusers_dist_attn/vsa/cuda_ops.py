@@ -64,7 +64,7 @@ def _vsa_fwd_cuda(q, k, v, gate, block_sizes, topk, scale, save_out_s):
         raise RuntimeError("diffusers_dist_attn::vsa_fwd_cuda called but the sm_90a extension is not built")
     kern = triton_kernels()
     qc, kc, vc = kern.block_means(q, k, v, block_sizes)
-    out_c, _, sel, idx, num = kern.coarse_select(qc, kc, vc, topk, scale)
+    out_c, _, sel, idx, num = kern.coarse_select(qc, kc, vc, topk, scale, block_sizes)
     out = kern.new_output(q.shape, q)
     out_s = kern.new_output(q.shape, q) if save_out_s else q.new_empty(0)
     lse = kern.new_output(q.shape[:3], q, torch.float32)

@@ -42,7 +42,7 @@ def fwd_fake(q, k, v, gate, block_sizes, topk, scale, save_out_s):
         q.new_empty(b, h, n, d, dtype=f32),
         q.new_empty(b, h, n, n, dtype=torch.uint8),
         q.new_empty(b, h, n, topk, dtype=i32),
-        q.new_empty(b, h, n, dtype=i32),
+        q.new_empty(b, h, n, 3, dtype=i32),
         q.new_empty(b, h, n, d),
         k.new_empty(b, h, n, d),
         v.new_empty(b, h, n, d),

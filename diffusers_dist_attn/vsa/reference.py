@@ -1,7 +1,8 @@
 """Plain PyTorch Video Sparse Attention: the ground truth for the Triton and CUDA kernels.
 
 All functions work on tiled tensors `[B, H, S_t, D]` with `S_t = 64 * N` (see `tiling.py`): block `j` holds
-`block_sizes[j]` real tokens followed by zero padding. Computation is in fp32; outputs are cast back.
+`block_sizes[j]` real tokens followed by padding. Pad slots are not tokens: they are never read, VSA's output is zero
+there, so no gradient flows from them and inputs there get none. Computation is in fp32; outputs are cast back.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from ..numerics import acc as _acc
 from .tiling import BLOCK
 
 __all__ = [
+    "real_slots",
     "block_mean",
     "coarse_attention",
     "topk_block_indices",
@@ -20,10 +22,17 @@ __all__ = [
 ]
 
 
+def real_slots(block_sizes: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """bool `[64 N]`: True at the slots that hold tokens."""
+    sizes = block_sizes.to(device) if device is not None else block_sizes
+    return (torch.arange(BLOCK, device=sizes.device) < sizes[:, None]).reshape(-1)
+
+
 def block_mean(x: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
     """Mean over the real tokens of each 64-slot block: `[B, H, 64*N, D] -> [B, H, N, D]` (fp32 sums)."""
     b, h, s, d = x.shape
-    sums = _acc(x).view(b, h, s // BLOCK, BLOCK, d).sum(3)
+    real = real_slots(block_sizes, x.device)[:, None]
+    sums = (_acc(x) * real).view(b, h, s // BLOCK, BLOCK, d).sum(3)
     return (sums / block_sizes.to(sums.device, sums.dtype)[:, None]).to(x.dtype)
 
 
@@ -114,7 +123,8 @@ def vsa_tiled_reference(
     """Video Sparse Attention on tiled tensors `[B, H, 64*N, D]`.
 
     `out = rep64(softmax(q_c k_c^T * scale) v_c) * gate + block_sparse(q, k, v; top-k of the coarse scores)`
-    (`+` instead of `* gate +` when `gate` is None). Differentiable in q, k, v, gate (selection is not).
+    (`+` instead of `* gate +` when `gate` is None) at real slots, zero at pad slots. Differentiable in q, k, v,
+    gate (selection is not).
     """
     b, h, s, d = q.shape
     scale = d**-0.5 if scale is None else scale
@@ -124,4 +134,5 @@ def vsa_tiled_reference(
         q, k, v, index, block_sizes, scale, extra_k=extra_k, extra_v=extra_v, extra_mask=extra_mask
     )
     out_c = out_c[:, :, :, None, :].expand(b, h, s // BLOCK, BLOCK, d).reshape(b, h, s, d)
-    return (out_c if gate is None else out_c * gate) + out_s
+    out = (out_c if gate is None else out_c * gate) + out_s
+    return out * real_slots(block_sizes, out.device)[:, None]

@@ -65,15 +65,21 @@ def test_forward_matches_reference(ext, case, sparsity, with_gate):
     check_forward(cuda_ops.vsa_tiled_cuda, (*case, torch.bfloat16), sparsity, with_gate)
 
 
+def _one_group(counts: torch.Tensor) -> torch.Tensor:
+    """List lengths `[B, H, N]` -> `q2k_num [B, H, N, 3]` with every listed block in the 64-row size class (any
+    block may be read as a 64-row tile; the CUDA forward reads only the last end)."""
+    return counts[..., None].expand(*counts.shape, 3).contiguous()
+
+
 def _random_lists(b, h, n, maxk, gen, *, ragged):
-    """Ascending random key-block lists `[B, H, N, maxk]` (int32) and counts (all maxk, or 1..maxk)."""
+    """Ascending random key-block lists `[B, H, N, maxk]` (int32) and their `q2k_num` (all maxk, or 1..maxk)."""
     scores = torch.rand(b, h, n, n, device="cuda", generator=gen)
     idx = scores.topk(maxk, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
     if ragged:
         num = torch.randint(1, maxk + 1, (b, h, n), device="cuda", generator=gen, dtype=torch.int32)
     else:
         num = torch.full((b, h, n), maxk, device="cuda", dtype=torch.int32)
-    return idx, num
+    return idx, _one_group(num)
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -116,7 +122,7 @@ def test_fine_stage_overlapping_unsorted_lists(ext, d):
     idx = scores.topk(9, dim=-1).indices.to(torch.int32)  # descending score: no index order
     idx[..., ::2] = idx[..., ::2].flip(-1)
     idx = idx.contiguous()
-    num = torch.randint(5, 10, (b, h, n), device="cuda", generator=gen, dtype=torch.int32)
+    num = _one_group(torch.randint(5, 10, (b, h, n), device="cuda", generator=gen, dtype=torch.int32))
     out_c = torch.randn(b, h, n, d, device="cuda", generator=gen)
     want_out, want_lse, want_os = kern.sparse_fwd(q, k, v, g, out_c, idx, num, bs, d**-0.5, True)
     out, out_s, lse = kern.new_output(q.shape, q), kern.new_output(q.shape, q), kern.new_output(q.shape[:3], q, torch.float32)

@@ -72,7 +72,7 @@ def test_layer_with_text_matches_reference(grid, b, h, d, text, mask_kind):
 
     with torch.no_grad():  # the kernel's own top-k sets: near-tie coarse scores may order differently in fp32
         qc, kc, vc = triton_kernels.block_means(*(t.bfloat16() for t in (tq, tk, tv)), layout.block_sizes)
-        index = triton_kernels.coarse_select(qc, kc, vc, topk, scale)[3].long()
+        index = triton_kernels.coarse_select(qc, kc, vc, topk, scale, layout.block_sizes)[3].long()
     out_c = coarse_attention(tq, tk, tv, layout.block_sizes, scale)[0].repeat_interleave(64, dim=2)
     fine = block_sparse_attention_reference(tq, tk, tv, index, layout.block_sizes, scale, extra_k=rk.transpose(1, 2),
                                             extra_v=rv.transpose(1, 2), extra_mask=mask)
@@ -118,8 +118,9 @@ def test_fused_merge_matches_torch(d, with_gate):
     lse_t[1, 2, :64] = float("-inf")
     out_c = torch.randn(b, h, n, d, device="cuda")
     gate = torch.randn(b, h, s, d, device="cuda").bfloat16() if with_gate else None
-    got = vsa_joint._merge_triton(out_s, lse2, out_t, lse_t, out_c, gate)
-    want = vsa_joint._merge_torch(out_s, lse2, out_t, lse_t, out_c, gate)
+    sizes = torch.tensor([64, 23, 64, 1, 40], device="cuda", dtype=torch.int32)  # zero at the pad slots
+    got = vsa_joint._merge_triton(out_s, lse2, out_t, lse_t, out_c, gate, sizes)
+    want = vsa_joint._merge_torch(out_s, lse2, out_t, lse_t, out_c, gate, sizes)
     for g, w in zip(got, want, strict=True):
         assert _rel(g, w) < 1e-2
     assert (got[2] - want[2]).abs().max() < 1e-4

@@ -13,6 +13,7 @@ from diffusers_dist_attn.vsa import triton_ops
 from diffusers_dist_attn.vsa.reference import (
     block_sparse_attention_reference,
     coarse_attention,
+    real_slots,
     topk_block_indices,
     vsa_tiled_reference,
 )
@@ -62,7 +63,7 @@ def _kernel_index(q, k, v, block_sizes, topk, scale):
     from diffusers_dist_attn.vsa import triton_kernels as kern
 
     qc, kc, vc = kern.block_means(q, k, v, block_sizes)
-    return kern.coarse_select(qc, kc, vc, topk, scale)[3].long()
+    return kern.coarse_select(qc, kc, vc, topk, scale, block_sizes)[3].long().sort(-1).values
 
 
 def _reference(q, k, v, gate, block_sizes, topk):
@@ -82,7 +83,8 @@ def _reference(q, k, v, gate, block_sizes, topk):
     out_c, _ = coarse_attention(q, k, v, block_sizes, scale)
     out_c = out_c.repeat_interleave(64, dim=2)
     out_s = block_sparse_attention_reference(q, k, v, ker_idx, block_sizes, scale)
-    return (out_c if gate is None else out_c * gate) + out_s, mismatch
+    real = real_slots(block_sizes)[:, None]  # zero at pad slots, as vsa_tiled_reference
+    return ((out_c if gate is None else out_c * gate) + out_s) * real, mismatch
 
 
 CASES = [
@@ -162,18 +164,20 @@ def test_topk_selects_exactly_k_and_matches_torch_topk(n, topk):
     topk = min(topk, n)
     gen = torch.Generator(device="cuda").manual_seed(n + topk)
     qc, kc, vc = (torch.randn(2, 2, n, 64, device="cuda", generator=gen).bfloat16() for _ in range(3))
-    out_c, scores, sel, idx, num = kern.coarse_select(qc, kc, vc, topk, 0.125)
+    sizes = torch.randint(1, 65, (n,), device="cuda", generator=gen, dtype=torch.int32)  # all three size classes
+    out_c, scores, sel, idx, num = kern.coarse_select(qc, kc, vc, topk, 0.125, sizes)
     ref_scores = (qc.float() @ kc.float().transpose(-1, -2)) * 0.125
     assert _rel(scores, ref_scores) < 1e-5
     assert _rel(out_c, (ref_scores.softmax(-1) @ vc.float())) < TOL
-    assert (sel.sum(-1) == topk).all() and (num == topk).all()
+    assert (sel.sum(-1) == topk).all() and (num[..., 2] == topk).all()
     # rows whose k-th and (k+1)-th scores differ (exact ties are checked below)
     ranked = scores.sort(-1, descending=True).values
     distinct = ranked[..., topk - 1] != ranked[..., topk] if topk < n else torch.ones_like(ranked[..., 0]).bool()
     assert distinct.float().mean() > 0.99
+    want_sel, want_idx, want_num = triton_ops.topk_select_torch(scores, topk, sizes)  # grouped by size class
+    assert torch.equal(idx[distinct], want_idx[distinct]) and torch.equal(num[distinct], want_num[distinct])
     want = torch.topk(scores, topk, dim=-1).indices.sort(-1).values
-    assert torch.equal(idx.long()[distinct], want[distinct])
-    assert (idx.diff(dim=-1) > 0).all()  # ascending, no repeats
+    assert torch.equal(idx.long().sort(-1).values[distinct], want[distinct])
     assert torch.equal(sel.bool(), torch.zeros_like(sel, dtype=torch.bool).scatter_(-1, idx.long(), True))
 
 
@@ -186,9 +190,10 @@ def test_topk_ties_take_lowest_index():
     kc[:, :, 31] = kc[:, :, 2]
     qc = torch.randn(1, 2, n, 64, device="cuda").bfloat16()
     qc[:, :, :3] = 0  # rows of all-equal scores
+    sizes = torch.full((n,), 64, device="cuda", dtype=torch.int32)
     for topk in (1, 3, 8, n):
-        _, scores, sel, idx, num = kern.coarse_select(qc, kc, kc, topk, 0.125)
-        want_sel, want_idx, _ = triton_ops.topk_select_torch(scores, topk)
+        _, scores, sel, idx, num = kern.coarse_select(qc, kc, kc, topk, 0.125, sizes)
+        want_sel, want_idx, _ = triton_ops.topk_select_torch(scores, topk, sizes)
         assert torch.equal(idx, want_idx) and torch.equal(sel, want_sel)
         assert idx[0, 0, 0].tolist() == list(range(topk))
 
@@ -198,10 +203,11 @@ def test_k2q_matches_torch():
 
     n = 300
     sel = (torch.rand(2, 3, n, n, device="cuda") < 0.1).to(torch.uint8)
-    k2q, num = kern.build_k2q(sel)
-    want, want_num = triton_ops.k2q_from_mask_torch(sel)
+    sizes = torch.randint(1, 65, (n,), device="cuda", dtype=torch.int32)
+    k2q, num = kern.build_k2q(sel, sizes)
+    want, want_num = triton_ops.k2q_from_mask_torch(sel, sizes)
     assert torch.equal(num, want_num)
-    valid = torch.arange(n, device="cuda") < num[..., None]
+    valid = torch.arange(n, device="cuda") < num[..., 2:]
     assert torch.equal(k2q[valid], want[valid])
 
 
