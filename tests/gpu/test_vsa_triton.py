@@ -237,11 +237,14 @@ def test_torch_compile_fullgraph():
         assert _rel(got, want) <= TOL
 
 
-@pytest.mark.parametrize("grid", [(9, 9, 9), (5, 7, 9)], ids=lambda g: "x".join(map(str, g)))
-def test_grouped_dense_path(monkeypatch, grid):
-    """topk == N with two blocks per program (off by default; selectable in CONFIGS) matches the reference."""
+@pytest.mark.parametrize(("grid", "size_classes"), [((9, 9, 9), False), ((5, 7, 9), False), ((8, 8, 12), True)],
+                         ids=["9x9x9", "5x7x9", "8x8x12-full-blocks"])
+def test_grouped_dense_path(monkeypatch, grid, size_classes):
+    """topk == N with two blocks per program (off by default; selectable in CONFIGS; only for one 64-row class:
+    without size classes, or a grid without partial blocks) matches the reference."""
     from diffusers_dist_attn.vsa import triton_kernels as kern
 
+    monkeypatch.setattr(kern, "SIZE_CLASSES", size_classes)
     for name in ("fwd_dense", "dq_dense", "dkdv_dense"):
         monkeypatch.setitem(kern.CONFIGS, name, {**kern.CONFIGS[name], "group": 2})
     q, k, v, g, bs = _inputs(grid, 2, 2, 128, torch.bfloat16, seed=11, requires_grad=True)
