@@ -5,6 +5,7 @@ One run prints a table and writes `vsa_bench_<tag>.json` (+ `vsa_bench_<tag>.png
     python benchmarks/bench_vsa.py                         # default shapes and sparsities
     python benchmarks/bench_vsa.py --extra 2 24 16384 64   # plus a user shape B H S D (S a multiple of 64)
     python benchmarks/bench_vsa.py --sweep all             # first tune the Triton launch configs, then measure
+    python benchmarks/bench_vsa.py --sweep sparse --grid 21 30 52 --heads 12 --sweep-only   # tune on a real grid
 
 Methods: SDPA with the cuDNN backend and with the flash backend, flash-attn (if importable), our Triton VSA,
 and fastvideo-kernel's Triton VSA (if importable; `FASTVIDEO_VSA_TRITON=1`). VSA runs on tiled tensors with all
@@ -30,9 +31,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusers_dist_attn.vsa.tiling import topk_for_sparsity  # noqa: E402
+from diffusers_dist_attn.vsa.reference import real_slots  # noqa: E402
+from diffusers_dist_attn.vsa.tiling import num_blocks, tile_layout, topk_for_sparsity  # noqa: E402
 
 DEFAULT_SHAPES = [(1, 12, 32768, 128), (1, 10, 75648, 128)]
+GRID: tuple[int, int, int] | None = None  # --grid: the stage timings and the sweep use this grid's block sizes
 DEFAULT_SPARSITY = [0.875, 0.9]
 FWD_BWD_FACTOR = 3.5  # backward = 2.5x forward matmul work (FlashAttention convention)
 
@@ -161,7 +164,14 @@ def _stage_state(shape, sparsity) -> dict:
     q, k, v, g = _inputs(shape)
     n = shape[2] // 64
     st = {"key": key, "q": q, "k": k, "v": v, "g": g, "topk": topk_for_sparsity(sparsity, n), "scale": shape[3] ** -0.5}
-    st["bs"] = torch.full((n,), 64, device="cuda", dtype=torch.int32)
+    if GRID is None:
+        st["bs"] = torch.full((n,), 64, device="cuda", dtype=torch.int32)
+    else:  # the grid's partial blocks (size classes), zero in their pad slots
+        st["bs"] = tile_layout(GRID, "cuda").block_sizes
+        real = real_slots(st["bs"])[:, None]
+        for name in ("q", "k", "v", "g"):
+            st[name] = st[name] * real
+        q, k, v, g = (st[name] for name in ("q", "k", "v", "g"))
     st["qc"], st["kc"], st["vc"] = kern.block_means(q, k, v, st["bs"])
     st["out_c"], _, st["sel"], st["idx"], st["num"] = kern.coarse_select(
         st["qc"], st["kc"], st["vc"], st["topk"], st["scale"], st["bs"]
@@ -251,9 +261,9 @@ def _profile_fwdbwd(st: dict) -> list:
 
 # (tma, num_warps, num_stages) per fine-stage kernel; `*_dense` run at sparsity 0 (two blocks per program)
 SWEEP_SPACE = {
-    "fwd": [(1, 4, 2), (1, 4, 3), (1, 4, 4), (0, 4, 2), (0, 4, 3), (1, 8, 2), (1, 8, 3)],
-    "dq": [(1, 4, 1), (1, 4, 2), (1, 4, 3), (0, 4, 2), (1, 8, 2)],
-    "dkdv": [(1, 4, 1), (1, 4, 2), (1, 4, 3), (0, 4, 2), (1, 8, 2)],
+    "fwd": [(1, 4, 2), (1, 4, 3), (1, 4, 4), (1, 4, 5), (0, 4, 2), (0, 4, 3), (1, 8, 2), (1, 8, 3)],
+    "dq": [(1, 4, 1), (1, 4, 2), (1, 4, 3), (1, 4, 4), (0, 4, 2), (1, 8, 2), (1, 8, 3)],
+    "dkdv": [(1, 4, 1), (1, 4, 2), (1, 4, 3), (0, 4, 2), (0, 4, 3), (1, 8, 2), (1, 8, 3)],
     "fwd_dense": [(1, 8, 2), (1, 8, 3), (0, 8, 3)],
     "dq_dense": [(1, 8, 2), (1, 8, 3), (0, 8, 2)],
     "dkdv_dense": [(1, 8, 2), (1, 8, 3), (0, 8, 2)],
@@ -306,7 +316,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(
-    shapes, sparsities, sparsity0_shapes, out_dir: Path, tag: str, do_sweep: str | None, do_breakdown: bool
+    shapes, sparsities, sparsity0_shapes, out_dir: Path, tag: str, do_sweep: str | None, do_breakdown: bool,
+    sweep_only: bool = False,
 ) -> dict:
     from diffusers_dist_attn.vsa import triton_kernels as kern
 
@@ -320,6 +331,9 @@ def run(
     if do_sweep:
         result["sweep"] = sweep(shapes[0], sparsities[0], do_sweep)
         print("sweep best", json.dumps({k: v["best"] for k, v in result["sweep"].items()}))
+        if sweep_only:
+            (out_dir / f"vsa_sweep_{tag}.json").write_text(json.dumps(result, indent=1))
+            return result
     result["configs"] = {k: dict(v) for k, v in kern.CONFIGS.items()}
     if do_breakdown:
         result["breakdown"] = {str(sparsities[0]): breakdown(shapes[0], sparsities[0])}
@@ -439,14 +453,25 @@ def main(argv=None) -> None:
     parser.add_argument("--sparsity0", type=int, nargs="*", default=[0], help="indices of shapes also run at s=0")
     parser.add_argument("--sweep", choices=["all", "sparse", "dense"], help="tune fine-stage launch configs first")
     parser.add_argument("--no-breakdown", action="store_true")
+    parser.add_argument("--grid", type=int, nargs=3, metavar=("T", "H", "W"),
+                        help="a real video grid: one shape (1, --heads, 64 N, 128) with its partial blocks")
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep (writes vsa_sweep_<tag>.json)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--tag", default=dt.date.today().isoformat())
     args = parser.parse_args(argv)
     shapes = [tuple(s) for s in (args.shapes or DEFAULT_SHAPES)] + [tuple(s) for s in (args.extra or [])]
+    if args.grid:
+        global GRID
+        GRID = tuple(args.grid)
+        shapes = [(1, args.heads, 64 * num_blocks(GRID), 128)]
     for s in shapes:
         if s[2] % 64:
             parser.error(f"S must be a multiple of 64: {s}")
-    run(shapes, args.sparsity, args.sparsity0, args.out, args.tag, args.sweep, not args.no_breakdown)
+    if args.sweep_only and not args.sweep:
+        parser.error("--sweep-only needs --sweep")
+    args.out.mkdir(parents=True, exist_ok=True)
+    run(shapes, args.sparsity, args.sparsity0, args.out, args.tag, args.sweep, not args.no_breakdown, args.sweep_only)
 
 
 if __name__ == "__main__":

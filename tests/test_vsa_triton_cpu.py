@@ -177,16 +177,6 @@ def test_k2q_from_mask_inverts_selection_grouped_by_size():
                 assert k2q[b, h, j, : len(want)].tolist() == _grouped(want, sizes)
 
 
-def test_class_plan_orders_blocks_by_size_and_follows_in_place_edits():
-    kern = pytest.importorskip("diffusers_dist_attn.vsa.triton_kernels")
-    sizes = torch.tensor([64, 16, 48, 32, 8], dtype=torch.int32)
-    order, counts = kern._class_plan(sizes)
-    assert order.tolist() == [0, 2, 3, 1, 4] and counts == [2, 1, 2]
-    sizes[0] = 10  # edited in place: a new plan, not the cached one
-    order, counts = kern._class_plan(sizes)
-    assert order.tolist() == [2, 3, 0, 1, 4] and counts == [1, 1, 3]
-
-
 def test_coarse_backward_matches_autograd():
     gen = torch.Generator().manual_seed(5)
     qc, kc, vc = (torch.randn(2, 2, 9, 8, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3))

@@ -1,8 +1,8 @@
 """Video Sparse Attention with the compiled Hopper (sm_90a) fine-stage forward (opt-in).
 
 The CUDA kernel (`diffusers_dist_attn/kernels/vsa_fwd_sm90.cu`: wgmma + TMA, warp-specialised, software-pipelined)
-passes the GPU tests and compute-sanitizer; on an H200 it is faster than the Triton fine stage with every block
-selected and within a few percent of it at VSA sparsities (slower on Wan 480p), so it is opt-in
+passes the GPU tests and compute-sanitizer; it reads every key block as a 64-row tile, and on an H200 it is slower
+than the Triton kernels, which read partial border blocks as 16/32-row tiles, so it is opt-in
 (`benchmarks/NOTES.md`): `is_available()` is False unless env `DIFFUSERS_DIST_ATTN_VSA_CUDA=1` is set; with it, it
 also needs an sm_90 GPU and a successful build (`cuda_build.load_extension`, built on first use and cached).
 

@@ -31,7 +31,7 @@ All matmuls take bf16/fp16 operands with fp32 accumulation; head_dim D in {64, 1
 
 from __future__ import annotations
 
-import collections
+import functools
 import os
 
 import torch
@@ -53,14 +53,16 @@ SIZE_CLASSES = True
 
 # Launch configurations of the fine-stage kernels. `tma`: load the gathered 64-row K/V (Q/dO) tiles through TMA
 # tensor descriptors (sm_90+; otherwise plain pointer loads). `benchmarks/bench_vsa.py --sweep` measures the
-# alternatives on the card at hand and reports the fastest; the defaults below come from its H100 runs.
+# alternatives on the card at hand and reports the fastest; the sparse defaults below come from its H200 runs on the
+# Wan 480p and 720p grids with size classes (`--grid`, `results/vsa_sweep_*_h200.json`). `num_stages` is lowered
+# on cards whose shared memory cannot hold that many stages (`_num_stages`).
 # `*_dense`: topk == N, where every list is the same, so a program may take `group` = 2 blocks (128 rows) and
 # fetch each K/V (Q/dO) tile once for both. On the H100 with Triton 3.6 that measured slower than one block per
 # program (s = 0, B1 H12 S32768 D128: forward 18.8 vs 15.8 ms, fwd+bwd 66.9 vs 56.2 ms), so it is off (group 1
 # uses the sparse configs); `bench_vsa.py --sweep dense` times it on other cards.
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": {"num_warps": 4, "num_stages": 4, "tma": 1},
-    "dq": {"num_warps": 4, "num_stages": 3, "tma": 1},
+    "fwd": {"num_warps": 4, "num_stages": 5, "tma": 1},
+    "dq": {"num_warps": 4, "num_stages": 2, "tma": 1},
     "dkdv": {"num_warps": 4, "num_stages": 2, "tma": 1},
     "fwd_dense": {"group": 1, "num_warps": 8, "num_stages": 2, "tma": 1},
     "dq_dense": {"group": 1, "num_warps": 8, "num_stages": 2, "tma": 1},
@@ -260,14 +262,6 @@ def _real_rows(BS, blk0, rows, rmask, GB: tl.constexpr):
 
 
 @triton.jit
-def _zero_rest(X, seq_row, blk0, BM: tl.constexpr, D: tl.constexpr):
-    """Zeros in rows BM..63 of block `blk0` of a `[rows, D]` view: the pad slots a BM-row program does not compute."""
-    offs = tl.arange(0, 64)
-    ptrs = X + (seq_row + blk0 * 64 + offs)[:, None] * D + tl.arange(0, D)[None, :]
-    tl.store(ptrs, tl.zeros([64, D], X.dtype.element_ty), mask=(offs >= BM)[:, None])
-
-
-@triton.jit
 def _list_ends(NUM, list_id):
     """Ends of the three size-class groups of list `list_id` (`q2k_num` / `k2q_num` rows of 3)."""
     return tl.load(NUM + list_id * 3), tl.load(NUM + list_id * 3 + 1), tl.load(NUM + list_id * 3 + 2)
@@ -295,15 +289,14 @@ def _fwd_keys(q, m_i, l_i, acc, K, V, idx_ptr, start, end, BS, seq_row, qk_scale
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, K32, K16, V, V32, V16, G, OC, OUT, OS, LSE, IDX, NUM, BS, ORDER, first, qk_scale, N, maxk,
-    D: tl.constexpr, HAS_GATE: tl.constexpr, SAVE_OS: tl.constexpr, USE_TMA: tl.constexpr, BM: tl.constexpr,
-    GB: tl.constexpr,
+    Q, K, K32, K16, V, V32, V16, G, OC, OUT, OS, LSE, IDX, NUM, BS, qk_scale, N, maxk,
+    D: tl.constexpr, HAS_GATE: tl.constexpr, SAVE_OS: tl.constexpr, USE_TMA: tl.constexpr, GB: tl.constexpr,
 ):  # fmt: skip
-    """grid (programs, BH): program p takes the first BM rows of query block `blk0 = ORDER[first + p * GB]` (all its
-    tokens: BM is the block's size-class height, `_launches`) against the key blocks listed for `blk0` (online
-    softmax, base 2), one loop per key size class. GB = 2 (BM = 128, blocks blk0 and blk0 + 1) only when all lists
-    are the same (topk == N): each K/V tile fetched from L2 then serves 128 rows instead of 64."""
-    blk0 = tl.load(ORDER + first + tl.program_id(0) * GB)
+    """grid (cdiv(N, GB), BH): the 64*GB query rows of blocks `blk0 ..` against the key blocks listed for `blk0`
+    (online softmax, base 2), one loop per size class. GB > 1 only when those blocks share one list (topk == N):
+    each K/V tile fetched from L2 then serves 64*GB rows instead of 64."""
+    BM: tl.constexpr = 64 * GB
+    blk0 = tl.program_id(0) * GB
     bh = tl.program_id(1).to(tl.int64)
     seq_row = bh * N * 64  # first row of this (batch, head) in the [BH*S, D] view
     list_id = bh * N + blk0
@@ -333,12 +326,6 @@ def _fwd_kernel(
         out = out_s + oc
     tl.store(OUT + tile, tl.where(real, out, 0.0).to(OUT.dtype.element_ty), mask=rmask[:, None])
     tl.store(LSE + seq_row + rows, m_i + tl.log2(l_i), mask=rmask)
-    if BM < 64:
-        _zero_rest(OUT, seq_row, blk0, BM, D)
-        if SAVE_OS:
-            _zero_rest(OS, seq_row, blk0, BM, D)
-        offs = tl.arange(0, 64)
-        tl.store(LSE + seq_row + blk0 * 64 + offs, tl.zeros([64], tl.float32), mask=offs >= BM)
 
 
 @triton.jit
@@ -386,13 +373,13 @@ def _dq_keys(q, do, lse, delta, dq, K, V, idx_ptr, start, end, BS, seq_row, qk_s
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, K32, K16, V, V32, V16, DO, LSE, DELTA, DQC, DQ, IDX, NUM, BS, ORDER, first, qk_scale, sm_scale, N, maxk,
-    D: tl.constexpr, USE_TMA: tl.constexpr, BM: tl.constexpr, GB: tl.constexpr,
+    Q, K, K32, K16, V, V32, V16, DO, LSE, DELTA, DQC, DQ, IDX, NUM, BS, qk_scale, sm_scale, N, maxk,
+    D: tl.constexpr, USE_TMA: tl.constexpr, GB: tl.constexpr,
 ):  # fmt: skip
-    """grid (programs, BH): dQ of the first BM rows of query block `ORDER[first + p * GB]` (and the next one when
-    GB = 2) over their selected key blocks (one loop per key size class), plus the coarse term dq_c / bs (`DQC`
-    fp32 `[BH, N, D]`); zero in pad slots."""
-    blk0 = tl.load(ORDER + first + tl.program_id(0) * GB)
+    """grid (cdiv(N, GB), BH): dQ of query blocks `blk0 ..` over their selected key blocks (one loop per size
+    class), plus the coarse term dq_c / bs (`DQC` fp32 `[BH, N, D]`); zero in pad slots."""
+    BM: tl.constexpr = 64 * GB
+    blk0 = tl.program_id(0) * GB
     bh = tl.program_id(1).to(tl.int64)
     seq_row = bh * N * 64
     list_id = bh * N + blk0
@@ -414,8 +401,6 @@ def _bwd_dq_kernel(
     coarse = _rows_of(DQC, bh, N, blk0, rows, rmask, D, GB) / _sizes_of(BS, blk0, rows, rmask, GB)
     dq = tl.where(real[:, None], dq * sm_scale + coarse, 0.0)
     tl.store(DQ + tile, dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
-    if BM < 64:
-        _zero_rest(DQ, seq_row, blk0, BM, D)
 
 
 @triton.jit
@@ -442,14 +427,14 @@ def _dkdv_queries(k, v, dk, dv, Q, DO, LSE, DELTA, idx_ptr, start, end, BS, seq_
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, Q32, Q16, K, V, DO, DO32, DO16, LSE, DELTA, DKC, DVC, DK, DV, K2Q, K2QN, BS, ORDER, first, qk_scale, sm_scale,
-    N, D: tl.constexpr, USE_TMA: tl.constexpr, BM: tl.constexpr, GB: tl.constexpr,
+    Q, Q32, Q16, K, V, DO, DO32, DO16, LSE, DELTA, DKC, DVC, DK, DV, K2Q, K2QN, BS, qk_scale, sm_scale, N,
+    D: tl.constexpr, USE_TMA: tl.constexpr, GB: tl.constexpr,
 ):  # fmt: skip
-    """grid (programs, BH): dK, dV of the first BM rows of key block `blk0 = ORDER[first + p * GB]` (its size-class
-    height) over the query blocks that selected `blk0` (one loop per query size class; GB = 2 only when all key
-    blocks share that list, i.e. topk == N), plus the coarse terms (`DKC`, `DVC` fp32 `[BH, N, D]`, divided by the
-    block sizes here); zero in pad slots."""
-    blk0 = tl.load(ORDER + first + tl.program_id(0) * GB)
+    """grid (cdiv(N, GB), BH): dK, dV of key blocks `blk0 ..` over the query blocks that selected `blk0` (one loop
+    per size class; GB > 1 only when all key blocks share that list, i.e. topk == N), plus the coarse terms (`DKC`,
+    `DVC` fp32 `[BH, N, D]`, divided by the block sizes here); zero in pad slots."""
+    BM: tl.constexpr = 64 * GB
+    blk0 = tl.program_id(0) * GB
     bh = tl.program_id(1).to(tl.int64)
     seq_row = bh * N * 64
     list_id = bh * N + blk0
@@ -475,9 +460,6 @@ def _bwd_dkdv_kernel(
     dv = tl.where(real, dv + _rows_of(DVC, bh, N, blk0, rows, rmask, D, GB) / sizes, 0.0)
     tl.store(DK + tile, dk.to(DK.dtype.element_ty), mask=rmask[:, None])
     tl.store(DV + tile, dv.to(DV.dtype.element_ty), mask=rmask[:, None])
-    if BM < 64:
-        _zero_rest(DK, seq_row, blk0, BM, D)
-        _zero_rest(DV, seq_row, blk0, BM, D)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -547,6 +529,22 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 and t.numel() // t.shape[-1] < 2**31 for t in tensors)
 
 
+@functools.cache
+def _shared_memory(device: torch.device) -> int | None:
+    """Shared memory one program may use on `device` (bytes), if torch reports it."""
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
+def _num_stages(cfg: dict[str, int], x: torch.Tensor) -> int:
+    """`cfg["num_stages"]`, lowered until two pipelined `[64, D]` tiles per stage (K and V, or Q and dO) and two
+    resident ones fit in the card's shared memory (227 KB on Hopper, 163 KB on an A100: 5 vs 4 stages at D = 128)."""
+    smem = _shared_memory(x.device) if x.is_cuda else None
+    if smem is None:
+        return cfg["num_stages"]
+    tile = 64 * x.shape[-1] * x.element_size()
+    return max(1, min(cfg["num_stages"], (smem - 2 * tile) // (2 * tile)))
+
+
 def _check_ends(ends: torch.Tensor, lists: torch.Tensor, name: str) -> None:
     """The kernels read `ends` as int32 rows of 3 (group ends) per list of `lists [B, H, N, L]`: check it on the host
     (a `[B, H, N]` count tensor would be read out of bounds)."""
@@ -555,41 +553,12 @@ def _check_ends(ends: torch.Tensor, lists: torch.Tensor, name: str) -> None:
                          f"{tuple(lists.shape)}; got {ends.dtype} {tuple(ends.shape)}")
 
 
-_PLANS: collections.OrderedDict = collections.OrderedDict()  # see `_class_plan`
-
-
-def _class_plan(block_sizes: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """(the blocks in size-class order, int32 `[N]` on `block_sizes`' device; blocks per class).
-
-    Launch grids need the counts on the host: they are read once per `block_sizes` tensor (one device sync) and
-    cached with a reference to it, so that its memory cannot be reused by another tensor under the same key.
-    """
-    key = (block_sizes.data_ptr(), block_sizes.numel(), block_sizes._version, SIZE_CLASSES)
-    plan = _PLANS.get(key)
-    if plan is None:
-        sizes = block_sizes.cpu().long()
-        cls = (sizes <= 32).long() + (sizes <= 16).long() if SIZE_CLASSES else torch.zeros_like(sizes)
-        order = torch.sort(cls, stable=True).indices.to(device=block_sizes.device, dtype=torch.int32)
-        plan = (block_sizes, order, torch.bincount(cls, minlength=3).tolist())
-        _PLANS[key] = plan
-        if len(_PLANS) > 16:
-            _PLANS.popitem(last=False)
-    return plan[1], plan[2]
-
-
-def _launches(kernel: str, block_sizes: torch.Tensor, shared_lists: bool):
-    """`(order, [(config, first, programs, BM, GB)])`: one launch per non-empty size class, its programs taking BM
-    rows (the class height) of one block each; without partial blocks one launch over all blocks, two blocks per
-    program (GB = 2, BM = 128) when the `*_dense` config groups and all lists are the same (`shared_lists`)."""
-    order, counts = _class_plan(block_sizes)
-    n = block_sizes.numel()
+def _grouping(kernel: str, n: int, shared_lists: bool) -> tuple[dict[str, int], int]:
+    """(launch config, blocks per program) for `kernel`; grouping needs all lists to be the same."""
     dense = CONFIGS[kernel + "_dense"]
-    if counts[0] == n:
-        gb = dense["group"] if shared_lists and n > 1 and dense.get("group", 1) > 1 else 1
-        return order, [(dense if gb > 1 else CONFIGS[kernel], 0, triton.cdiv(n, gb), 64 * gb, gb)]
-    firsts = [0, counts[0], counts[0] + counts[1]]
-    return order, [(CONFIGS[kernel], first, count, rows, 1)
-                   for first, count, rows in zip(firsts, counts, WIDTHS, strict=True) if count]
+    if shared_lists and n > 1 and dense.get("group", 1) > 1:
+        return dense, dense["group"]
+    return CONFIGS[kernel], 1
 
 
 def _operands(cfg: dict[str, int], *tensors: torch.Tensor) -> tuple[bool, list]:
@@ -618,18 +587,17 @@ def sparse_fwd(
     `out_s [B,H,S,D]` (empty unless `save_out_s`)."""
     bh, n, d = _dims(q)
     _check_ends(q2k_num, q2k_idx, "q2k_num")
+    cfg, gb = _grouping("fwd", n, q2k_idx.shape[-1] == n)
     out = new_output(q.shape, q)
     out_s = new_output(q.shape, q) if save_out_s else q.new_empty(0)
     lse = new_output(q.shape[:3], q, torch.float32)
-    order, launches = _launches("fwd", block_sizes, q2k_idx.shape[-1] == n)
-    for cfg, first, programs, rows, gb in launches:
-        use_tma, kv = _operands(cfg, k, v)
-        _fwd_kernel[(programs, bh)](
-            q, *kv, gate if gate is not None else q, out_c, out, out_s, lse, q2k_idx, q2k_num, block_sizes, order,
-            first, scale * LOG2E, n, q2k_idx.shape[-1],
-            D=d, HAS_GATE=gate is not None, SAVE_OS=save_out_s, USE_TMA=use_tma, BM=rows, GB=gb,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )  # fmt: skip
+    use_tma, kv = _operands(cfg, k, v)
+    _fwd_kernel[(triton.cdiv(n, gb), bh)](
+        q, *kv, gate if gate is not None else q, out_c, out, out_s, lse, q2k_idx, q2k_num, block_sizes,
+        scale * LOG2E, n, q2k_idx.shape[-1],
+        D=d, HAS_GATE=gate is not None, SAVE_OS=save_out_s, USE_TMA=use_tma, GB=gb,
+        num_warps=cfg["num_warps"], num_stages=_num_stages(cfg, q),
+    )  # fmt: skip
     return out, lse, out_s
 
 
@@ -665,15 +633,13 @@ def sparse_bwd_dq(
     block means) broadcast to each block's 64 rows."""
     bh, n, d = _dims(q)
     _check_ends(q2k_num, q2k_idx, "q2k_num")
+    cfg, gb = _grouping("dq", n, q2k_idx.shape[-1] == n)
     dq = new_output(q.shape, q)
-    order, launches = _launches("dq", block_sizes, q2k_idx.shape[-1] == n)
-    for cfg, first, programs, rows, gb in launches:
-        use_tma, kv = _operands(cfg, k, v)
-        _bwd_dq_kernel[(programs, bh)](
-            q, *kv, dout, lse, delta, dqc, dq, q2k_idx, q2k_num, block_sizes, order, first, scale * LOG2E, scale, n,
-            q2k_idx.shape[-1], D=d, USE_TMA=use_tma, BM=rows, GB=gb,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )  # fmt: skip
+    use_tma, kv = _operands(cfg, k, v)
+    _bwd_dq_kernel[(triton.cdiv(n, gb), bh)](
+        q, *kv, dout, lse, delta, dqc, dq, q2k_idx, q2k_num, block_sizes, scale * LOG2E, scale, n,
+        q2k_idx.shape[-1], D=d, USE_TMA=use_tma, GB=gb, num_warps=cfg["num_warps"], num_stages=_num_stages(cfg, q),
+    )  # fmt: skip
     return dq
 
 
@@ -697,13 +663,11 @@ def sparse_bwd_dkdv(
     (topk == N), so programs take two key blocks."""
     bh, n, d = _dims(q)
     _check_ends(k2q_num, k2q_idx, "k2q_num")
+    cfg, gb = _grouping("dkdv", n, shared_lists)
     dk, dv = new_output(k.shape, k), new_output(v.shape, v)
-    order, launches = _launches("dkdv", block_sizes, shared_lists)
-    for cfg, first, programs, rows, gb in launches:
-        use_tma, (q64, q32, q16, do64, do32, do16) = _operands(cfg, q, dout)
-        _bwd_dkdv_kernel[(programs, bh)](
-            q64, q32, q16, k, v, do64, do32, do16, lse, delta, dkc, dvc, dk, dv, k2q_idx, k2q_num, block_sizes,
-            order, first, scale * LOG2E, scale, n,
-            D=d, USE_TMA=use_tma, BM=rows, GB=gb, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )  # fmt: skip
+    use_tma, (q64, q32, q16, do64, do32, do16) = _operands(cfg, q, dout)
+    _bwd_dkdv_kernel[(triton.cdiv(n, gb), bh)](
+        q64, q32, q16, k, v, do64, do32, do16, lse, delta, dkc, dvc, dk, dv, k2q_idx, k2q_num, block_sizes, scale * LOG2E, scale, n,
+        D=d, USE_TMA=use_tma, GB=gb, num_warps=cfg["num_warps"], num_stages=_num_stages(cfg, q),
+    )  # fmt: skip
     return dk, dv
