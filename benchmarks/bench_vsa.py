@@ -331,8 +331,9 @@ def run(
     if do_sweep:
         result["sweep"] = sweep(shapes[0], sparsities[0], do_sweep)
         print("sweep best", json.dumps({k: v["best"] for k, v in result["sweep"].items()}))
-        if sweep_only:
-            (out_dir / f"vsa_sweep_{tag}.json").write_text(json.dumps(result, indent=1))
+        if sweep_only:  # in sweeps/: notebook 03 charts the newest results/vsa_*.json, and a sweep has no rows
+            (out_dir / "sweeps").mkdir(parents=True, exist_ok=True)
+            (out_dir / "sweeps" / f"vsa_sweep_{tag}.json").write_text(json.dumps(result, indent=1))
             return result
     result["configs"] = {k: dict(v) for k, v in kern.CONFIGS.items()}
     if do_breakdown:
@@ -456,7 +457,8 @@ def main(argv=None) -> None:
     parser.add_argument("--grid", type=int, nargs=3, metavar=("T", "H", "W"),
                         help="a real video grid: one shape (1, --heads, 64 N, 128) with its partial blocks")
     parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep (writes vsa_sweep_<tag>.json)")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="stop after the sweep (writes <out>/sweeps/vsa_sweep_<tag>.json)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--tag", default=dt.date.today().isoformat())
     args = parser.parse_args(argv)

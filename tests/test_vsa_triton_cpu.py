@@ -177,6 +177,17 @@ def test_k2q_from_mask_inverts_selection_grouped_by_size():
                 assert k2q[b, h, j, : len(want)].tolist() == _grouped(want, sizes)
 
 
+def test_pipeline_stages_fit_the_shared_memory():
+    kern = pytest.importorskip("diffusers_dist_attn.vsa.triton_kernels")
+    tile = 64 * 128 * 2  # a [64, 128] bf16 tile
+    assert kern.stages_that_fit(5, 232_448, tile) == 5  # H100 / H200: 227 KB per block
+    assert kern.stages_that_fit(5, 166_912, tile) == 4  # A100: 163 KB
+    assert kern.stages_that_fit(5, 101_376, tile) == 2  # 99 KB (sm_86 / sm_89)
+    assert kern.stages_that_fit(4, 101_376, 64 * 64 * 2) == 4  # D = 64 on the same card
+    assert kern.stages_that_fit(5, 60_000, tile) == 1  # never below one
+    assert kern.stages_that_fit(2, 232_448, tile) == 2  # never raised
+
+
 def test_coarse_backward_matches_autograd():
     gen = torch.Generator().manual_seed(5)
     qc, kc, vc = (torch.randn(2, 2, 9, 8, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3))

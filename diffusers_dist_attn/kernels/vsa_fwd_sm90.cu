@@ -1,8 +1,8 @@
 // Video Sparse Attention, fine-stage FORWARD for Hopper (sm_90a): block-sparse flash attention over 64x64 blocks.
 //
-// Opt-in (DIFFUSERS_DIST_ATTN_VSA_CUDA=1): it reads every key block as a 64-row tile, and the Triton kernels, which
-// read partial border blocks as 16/32-row tiles, are 20-30% faster through the layer on one H200, so it is not the
-// default (see README.md here). Correctness: tests/gpu/test_vsa_cuda.py; ptxas resources: BUILD_NOTES.md
+// Opt-in (DIFFUSERS_DIST_ATTN_VSA_CUDA=1): it reads every key block as a 64-row tile, while the Triton kernels read
+// partial border blocks as 16/32-row tiles; on one H200 the layer forward takes 14-31% longer with it, so it is not
+// the default (see README.md here). Correctness: tests/gpu/test_vsa_cuda.py; ptxas resources: BUILD_NOTES.md
 // here; speed: benchmarks/NOTES.md.
 //
 // Contract (same as `_fwd_kernel` in diffusers_dist_attn/vsa/triton_kernels.py), per (batch*head bh, query block

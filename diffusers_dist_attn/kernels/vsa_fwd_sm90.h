@@ -15,7 +15,7 @@ struct FwdArgs {
   const void* v;             // bf16 [BH, S, D]
   const void* gate;          // bf16 [BH, S, D] or nullptr (then out = out_s + out_c)
   const float* out_c;        // fp32 [BH, N, D]: coarse-stage output per query block
-  const int32_t* q2k_idx;    // int32 [BH, N, maxk]: selected key blocks per query block (first q2k_num valid)
+  const int32_t* q2k_idx;    // int32 [BH, N, maxk]: selected key blocks per query block (first q2k_num[.., 2] valid)
   const int32_t* q2k_num;    // int32 [BH, N, 3]: ends of the lists' size-class groups (the last = list length)
   const int32_t* block_sizes;  // int32 [N]: real tokens per block (1..64); key slots >= block_sizes[j] are masked
   void* out;                 // bf16 [BH, S, D]: out_s + out_c[block] (* gate)

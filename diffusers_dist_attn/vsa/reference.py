@@ -1,8 +1,9 @@
 """Plain PyTorch Video Sparse Attention: the ground truth for the Triton and CUDA kernels.
 
 All functions work on tiled tensors `[B, H, S_t, D]` with `S_t = 64 * N` (see `tiling.py`): block `j` holds
-`block_sizes[j]` real tokens followed by padding. Pad slots are not tokens: they are never read, VSA's output is zero
-there, so no gradient flows from them and inputs there get none. Computation is in fp32; outputs are cast back.
+`block_sizes[j]` real tokens followed by zero padding. Pad slots are not tokens: the block means leave them out,
+VSA's output is zero there, so no gradient flows from them (a finite `dout` there is ignored) and inputs there get
+none. Computation is in fp32; outputs are cast back.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ rest as 64-row tiles (`WIDTHS`), so the partial tiles at a grid's borders (18% o
 cost the work of their real rows rounded up to 16 or 32 instead of 64. Index lists are grouped by class (ascending
 inside a group) and each loop over a list runs once per class with that tile height.
 
-Pad slots are not tokens: the kernels write zeros there (out, out_s, dq, dk, dv, d_gate), ignore `dout` there and
-never read q, k, v past a block's size in the means.
+Pad slots are not tokens: the kernels write zeros there (out, out_s, dq, dk, dv, d_gate) and ignore `dout` there
+(which must be finite: dK/dV multiply its pad rows by zero instead of masking the tile, to keep the TMA operand in
+shared memory); the block means never read past a block's size. Inputs must be zero at pad slots (`tiling.tile`).
 
 Measured on an H100 (see `benchmarks/NOTES.md`): the fine kernels are bound by the L2->SM traffic of the gathered
 64-row tiles (each K/V tile serves one 64-row query block).
@@ -54,8 +55,8 @@ SIZE_CLASSES = True
 # Launch configurations of the fine-stage kernels. `tma`: load the gathered 64-row K/V (Q/dO) tiles through TMA
 # tensor descriptors (sm_90+; otherwise plain pointer loads). `benchmarks/bench_vsa.py --sweep` measures the
 # alternatives on the card at hand and reports the fastest; the sparse defaults below come from its H200 runs on the
-# Wan 480p and 720p grids with size classes (`--grid`, `results/vsa_sweep_*_h200.json`). `num_stages` is lowered
-# on cards whose shared memory cannot hold that many stages (`_num_stages`).
+# Wan 480p and 720p grids with size classes (`--grid`, `results/sweeps/`). `num_stages` is capped on cards with
+# less shared memory (`_num_stages`).
 # `*_dense`: topk == N, where every list is the same, so a program may take `group` = 2 blocks (128 rows) and
 # fetch each K/V (Q/dO) tile once for both. On the H100 with Triton 3.6 that measured slower than one block per
 # program (s = 0, B1 H12 S32768 D128: forward 18.8 vs 15.8 ms, fwd+bwd 66.9 vs 56.2 ms), so it is off (group 1
@@ -535,14 +536,20 @@ def _shared_memory(device: torch.device) -> int | None:
     return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
 
 
+def stages_that_fit(stages: int, shared_memory: int, tile_bytes: int) -> int:
+    """`stages`, lowered until a conservative estimate (two pipelined tiles per stage, K and V or Q and dO, plus two
+    resident ones) fits in `shared_memory` bytes (at least 1). Triton's own use is lower (it shares buffers across
+    the class loops: the H200 forward at 5 stages compiles to ~115 KB), so the cap only guards smaller cards."""
+    return max(1, min(stages, (shared_memory - 2 * tile_bytes) // (2 * tile_bytes)))
+
+
 def _num_stages(cfg: dict[str, int], x: torch.Tensor) -> int:
-    """`cfg["num_stages"]`, lowered until two pipelined `[64, D]` tiles per stage (K and V, or Q and dO) and two
-    resident ones fit in the card's shared memory (227 KB on Hopper, 163 KB on an A100: 5 vs 4 stages at D = 128)."""
+    """`cfg["num_stages"]` capped by `stages_that_fit` for `[64, D]` tiles of `x` on its card; unchanged where torch
+    does not report the shared memory."""
     smem = _shared_memory(x.device) if x.is_cuda else None
     if smem is None:
         return cfg["num_stages"]
-    tile = 64 * x.shape[-1] * x.element_size()
-    return max(1, min(cfg["num_stages"], (smem - 2 * tile) // (2 * tile)))
+    return stages_that_fit(cfg["num_stages"], smem, 64 * x.shape[-1] * x.element_size())
 
 
 def _check_ends(ends: torch.Tensor, lists: torch.Tensor, name: str) -> None:
@@ -630,7 +637,7 @@ def sparse_bwd_dq(
     scale: float,
 ) -> torch.Tensor:
     """dQ `[B,H,S,D]` of the fine stage plus `dqc / block_size` (`dqc` fp32 `[B,H,N,D]`, the gradient of the
-    block means) broadcast to each block's 64 rows."""
+    block means) broadcast to each block's real rows; zero at pad slots."""
     bh, n, d = _dims(q)
     _check_ends(q2k_num, q2k_idx, "q2k_num")
     cfg, gb = _grouping("dq", n, q2k_idx.shape[-1] == n)
@@ -658,7 +665,7 @@ def sparse_bwd_dkdv(
     scale: float,
     shared_lists: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dK, dV `[B,H,S,D]`: fine stage over k2q lists (pad keys zero) plus `dkc / block_size`, `dvc / block_size`
+    """dK, dV `[B,H,S,D]`: fine stage over k2q lists plus `dkc / block_size`, `dvc / block_size` (zero at pad keys)
     (fp32 `[B,H,N,D]` gradients of the block means). `shared_lists`: every key block has the same list
     (topk == N), so programs take two key blocks."""
     bh, n, d = _dims(q)
@@ -667,7 +674,7 @@ def sparse_bwd_dkdv(
     dk, dv = new_output(k.shape, k), new_output(v.shape, v)
     use_tma, (q64, q32, q16, do64, do32, do16) = _operands(cfg, q, dout)
     _bwd_dkdv_kernel[(triton.cdiv(n, gb), bh)](
-        q64, q32, q16, k, v, do64, do32, do16, lse, delta, dkc, dvc, dk, dv, k2q_idx, k2q_num, block_sizes, scale * LOG2E, scale, n,
-        D=d, USE_TMA=use_tma, GB=gb, num_warps=cfg["num_warps"], num_stages=_num_stages(cfg, q),
+        q64, q32, q16, k, v, do64, do32, do16, lse, delta, dkc, dvc, dk, dv, k2q_idx, k2q_num, block_sizes,
+        scale * LOG2E, scale, n, D=d, USE_TMA=use_tma, GB=gb, num_warps=cfg["num_warps"], num_stages=_num_stages(cfg, q),
     )  # fmt: skip
     return dk, dv
