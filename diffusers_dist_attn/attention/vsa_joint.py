@@ -41,8 +41,9 @@ def _merge_torch(out_s, lse2, out_t, lse_t, out_c, gate, block_sizes):
     slots."""
     fine, lse = merge_partials(out_s.float().transpose(1, 2), lse2 * _LN2,  # the kernels keep base-2 LSEs
                                out_t.float().transpose(1, 2), lse_t.float())
-    fine = fine.transpose(1, 2) * real_slots(block_sizes, out_s.device)[:, None]
-    coarse = out_c.repeat_interleave(BLOCK, dim=2) * real_slots(block_sizes, out_s.device)[:, None]
+    real = real_slots(block_sizes, out_s.device)[:, None]
+    fine = fine.transpose(1, 2) * real
+    coarse = out_c.repeat_interleave(BLOCK, dim=2) * real
     out = fine + (coarse if gate is None else coarse * gate.float())
     return out.to(out_s.dtype), fine.to(out_s.dtype), lse
 
