@@ -9,7 +9,8 @@ input (`vsa_tiled_triton`), fastvideo-kernel on the same tiled input (when impor
 `DistributedAttention_VSA` (world 1, `[B, S, H, D]` in and out) on Triton and (`--cuda`) on the compiled sm_90a
 forward (`kernel_cuda` / `layer_cuda`), and with text on the automatic choice; `--one-class` adds the Triton
 kernel and layer with every block read as a 64-row tile (`*_1class`: no size classes, the kernels before the
-split) beside the default. Inputs: `random` (normal)
+split) beside the default, `--dkdv-in-order` the layer with dK/dV programs in block order (not longest list
+first); at sparsity 0 `layer_auto` is the automatic choice (dense attention + coarse stage). Inputs: `random` (normal)
 and `smooth` (low-frequency fields over (t, h, w) plus noise, so neighbouring tiles select overlapping key
 blocks as real video attention does). Timing: `triton.testing.do_bench` medians (see `bench_vsa.py`); TFLOP/s on
 the computed 64x64 blocks (`4 B H N 64 topk 64 D`, x3.5 for forward+backward). Writes `vsa_layer_<tag>.json` and
@@ -19,7 +20,9 @@ the computed 64x64 blocks (`4 B H N 64 topk 64 D`, x3.5 for forward+backward). W
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import importlib
 import json
 import math
 import os
@@ -76,15 +79,43 @@ def make_inputs(kind: str, grid, heads: int, d: int, seed: int) -> list[torch.Te
     return tensors
 
 
-def _fastvideo():
+def _fastvideo() -> dict[str, object]:
+    """fastvideo-kernel's VSA entry point per backend it can run here: `fastvideo_tk` (its compiled sm_90
+    ThunderKittens kernels; the wheel's extension must load against this torch) and `fastvideo_triton`."""
     try:
-        os.environ.setdefault("FASTVIDEO_VSA_TRITON", "1")
         import fastvideo_kernel
 
-        return fastvideo_kernel.video_sparse_attn
+        fv_sparse = importlib.import_module("fastvideo_kernel.block_sparse_attn")  # the package shadows it
     except Exception as exc:  # noqa: BLE001 - optional dependency
         print(f"fastvideo_kernel not usable: {type(exc).__name__}: {exc}")
-        return None
+        return {}
+
+    def backend(force_triton: bool):
+        def run(*args, **kwargs):
+            os.environ["FASTVIDEO_VSA_TRITON"] = "1" if force_triton else "0"  # read per call
+            return fastvideo_kernel.video_sparse_attn(*args, **kwargs)
+
+        return run
+
+    found = {"fastvideo_triton": backend(True)}
+    if fv_sparse._is_sm90() and all(op is not None for op in fv_sparse._get_sm90_ops()):
+        found["fastvideo_tk"] = backend(False)
+    else:
+        print("fastvideo_kernel: no sm_90 extension here (its wheel is built for another torch); Triton only")
+    print(f"fastvideo_kernel {fastvideo_kernel.__version__}: {sorted(found)}", flush=True)
+    return found
+
+
+@contextlib.contextmanager
+def kernel_settings(size_classes: bool = True, dkdv_longest_first: bool = True):
+    """Triton kernel switches for side-by-side rows (read at every launch, forward and backward)."""
+    saved = triton_kernels.SIZE_CLASSES, triton_kernels.CONFIGS["dkdv"]["longest_first"]
+    triton_kernels.SIZE_CLASSES = size_classes
+    triton_kernels.CONFIGS["dkdv"]["longest_first"] = int(dkdv_longest_first)
+    try:
+        yield
+    finally:
+        triton_kernels.SIZE_CLASSES, triton_kernels.CONFIGS["dkdv"]["longest_first"] = saved
 
 
 def run_case(name, grid, heads, text, kind, sparsity, fastvideo) -> list[dict]:
@@ -99,15 +130,13 @@ def run_case(name, grid, heads, text, kind, sparsity, fastvideo) -> list[dict]:
             "tokens": s, "tiles": n, "pad_fraction": 1 - s / layout.tiled_len, "topk": topk}
     rows = []
 
-    def add(method, fn, inputs, flops=computed, size_classes=True):
-        triton_kernels.SIZE_CLASSES = size_classes  # read at every launch, forward and backward
+    def add(method, fn, inputs, flops=computed, **settings):
         try:
-            fwd, fwdbwd = _time_pair(fn, inputs)
+            with kernel_settings(**settings):
+                fwd, fwdbwd = _time_pair(fn, inputs)
         except Exception as exc:  # noqa: BLE001 - a method that fails is reported, not fatal
             print(f"{name} {kind} {method}: FAILED {type(exc).__name__}: {exc}")
             return
-        finally:
-            triton_kernels.SIZE_CLASSES = True
         rows.append({**info, "method": method, "fwd_ms": fwd, "fwdbwd_ms": fwdbwd,
                      "fwd_tflops": flops / fwd / 1e9, "fwdbwd_tflops": FWD_BWD_FACTOR * flops / fwdbwd / 1e9})
         print(f"{name:11s} {kind:6s} s={sparsity} {method:22s} fwd {fwd:8.2f} ms  fwd+bwd {fwdbwd:8.2f} ms", flush=True)
@@ -131,18 +160,24 @@ def run_case(name, grid, heads, text, kind, sparsity, fastvideo) -> list[dict]:
             size_classes=False)
     if CUDA_BUILT:
         add("kernel_cuda", lambda q, k, v, g: cuda_ops.vsa_tiled_cuda(q, k, v, g, sizes, topk), tiled)
-    if fastvideo is not None:
-        add("fastvideo_kernel", lambda q, k, v, g: fastvideo(q, k, v, sizes, sizes, topk, (4, 4, 4),
-                                                             compress_attn_weight=g), tiled)
+    for method, fastvideo_vsa in fastvideo.items():
+        add(method, lambda q, k, v, g, fn=fastvideo_vsa: fn(q, k, v, sizes, sizes, topk, (4, 4, 4),
+                                                            compress_attn_weight=g), tiled)
     layer = DistributedAttention_VSA(heads, d)
     for impl in ("triton", "cuda") if CUDA_BUILT else ("triton",):
         add(f"layer_{impl}", lambda q, k, v, g, impl=impl: layer(q, k, v, gate_compress=g, grid_size=grid,
                                                                   sparsity=sparsity, implementation=impl)[0],
             [q, k, v, g])
+    def layer_triton(q, k, v, g):
+        return layer(q, k, v, gate_compress=g, grid_size=grid, sparsity=sparsity, implementation="triton")[0]
+
     if ONE_CLASS:
-        add("layer_triton_1class", lambda q, k, v, g: layer(q, k, v, gate_compress=g, grid_size=grid,
-                                                            sparsity=sparsity, implementation="triton")[0],
-            [q, k, v, g], size_classes=False)
+        add("layer_triton_1class", layer_triton, [q, k, v, g], size_classes=False)
+    if DKDV_IN_ORDER:
+        add("layer_triton_dkdv_in_order", layer_triton, [q, k, v, g], dkdv_longest_first=False)
+    if topk == n:  # every block: the automatic choice runs dense attention + the coarse stage
+        add("layer_auto", lambda q, k, v, g: layer(q, k, v, gate_compress=g, grid_size=grid, sparsity=sparsity)[0],
+            [q, k, v, g])
     if text is not None:
         mask = torch.zeros(1, text_len, dtype=torch.bool, device="cuda")
         mask[:, :text[1]] = True
@@ -158,6 +193,7 @@ def run_case(name, grid, heads, text, kind, sparsity, fastvideo) -> list[dict]:
 CLI_SPARSITIES = [0.875, 0.9]
 CUDA_BUILT = False  # set by --cuda when the sm_90a extension builds
 ONE_CLASS = False  # set by --one-class
+DKDV_IN_ORDER = False  # set by --dkdv-in-order
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -170,7 +206,7 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     sel = [r for r in rows if r["sparsity"] in (CLI_SPARSITIES[0], None) or r["method"] == "cudnn_dense"]
     labels = sorted({(r["case"], r["input"]) for r in sel})
-    methods = [m for m in ("cudnn_dense", "fastvideo_kernel", "kernel_triton", "kernel_cuda", "layer_triton", "layer_cuda",
+    methods = [m for m in ("cudnn_dense", "fastvideo_tk", "fastvideo_triton", "kernel_triton", "kernel_cuda", "layer_triton", "layer_cuda",
                            "layer_text") if any(r["method"] == m for r in sel)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, key in zip(axes, ("fwd_ms", "fwdbwd_ms"), strict=True):
@@ -189,7 +225,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    global CUDA_BUILT, ONE_CLASS
+    global CUDA_BUILT, ONE_CLASS, DKDV_IN_ORDER
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--tag", default="gpu")
@@ -199,8 +235,11 @@ def main(argv=None) -> None:
     parser.add_argument("--cuda", action="store_true", help="also the compiled sm_90a forward (builds it)")
     parser.add_argument("--one-class", action="store_true",
                         help="also the Triton kernel and layer without size classes (every tile 64 rows)")
+    parser.add_argument("--dkdv-in-order", action="store_true",
+                        help="also the Triton layer with dK/dV programs launched in block order (not longest first)")
     args = parser.parse_args(argv)
     ONE_CLASS = args.one_class
+    DKDV_IN_ORDER = args.dkdv_in_order
     CLI_SPARSITIES[:] = args.sparsity
     if args.cuda:
         os.environ[cuda_ops.ENABLE_ENV] = "1"  # the compiled forward joins the automatic order (and layer_text)

@@ -5,11 +5,7 @@
 #   bash benchmarks/run_gpu_classes.sh        (TAG=h200 by default)
 set -u
 source benchmarks/gpu_env.sh
-export DIFFUSERS_DIST_ATTN_VSA_CUDA=1 DIFFUSERS_DIST_ATTN_CACHE=/tmp/dda_cache
-TAG="${TAG:-h200}"
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/classes.log"; }
-{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u +%FT%TZ
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/gpu_info.txt"
+vsa_script_start classes.log
 python3 -m diffusers_dist_attn build-kernels --verbose > "$OUT/build.log" 2>&1; log "build exit $?"
 timeout 150 compute-sanitizer --tool memcheck python3 -m pytest -x -q -p no:cacheprovider tests/gpu/test_vsa_triton.py \
   -k "gradients and 5x7x9 and s0.5" > "$OUT/sanitizer_triton.log" 2>&1; log "sanitizer triton exit $?"

@@ -1,5 +1,6 @@
 """The Triton kernels run by Triton's CPU interpreter (`TRITON_INTERPRET=1`) against their PyTorch formulas: the VSA
-kernels (coarse stage, size-class index lists, fine forward and backward) against the fp64 reference, the fused text
+kernels (coarse stage, size-class index lists, fine forward and backward; dK/dV launched longest list first or in
+block order) against the fp64 reference, the fused text
 merge of VSA with text keys, and the tile permutation.
 
 Skipped without Triton (CI installs it for this). The interpreter must be on before the kernels are decorated, so
@@ -44,12 +45,15 @@ for grid, b, h, d, topk in (((5, 6, 7), 2, 2, 64, 3), ((6, 5, 9), 1, 2, 128, 5),
     q, k, v, g = (torch.randn(b, h, layout.tiled_len, d, dtype=torch.float64) * real for _ in range(4))
     dout = torch.randn(b, h, layout.tiled_len, d, dtype=torch.float64)  # nonzero at pad slots too: ignored there
     results = {}
-    for split in (True, False):
-        triton_kernels.SIZE_CLASSES = split
+    for split, longest_first in ((True, 1), (False, 1), ("in order", 0)):
+        triton_kernels.SIZE_CLASSES = bool(split)
+        triton_kernels.CONFIGS["dkdv"]["longest_first"] = longest_first
         leaves = [x.half().requires_grad_() for x in (q, k, v, g)]
         out = triton_ops.vsa_tiled_triton(*leaves, sizes, topk)
         out.backward(dout.half())
         results[split] = [out.detach()] + [x.grad for x in leaves]
+    for a, c in zip(results[True], results["in order"]):  # dK/dV programs launched in block order: same bits
+        assert torch.equal(a, c)
     ref_leaves = [x.half().double().requires_grad_() for x in (q, k, v, g)]
     ref = vsa_tiled_reference(*ref_leaves, sizes, topk)
     ref.backward(dout)

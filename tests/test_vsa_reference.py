@@ -8,6 +8,7 @@ import torch.distributed as dist
 from distributed_utils import run_distributed
 
 from diffusers_dist_attn import DistributedAttention_VSA, LocalAttention, get_sequence_parallel_groups
+from diffusers_dist_attn.attention.registry import selection_report
 from diffusers_dist_attn.distributed import gather_sequence, shard_sequence
 from diffusers_dist_attn.vsa import tile, tile_layout, topk_for_sparsity, untile
 
@@ -67,6 +68,41 @@ def test_reference_with_text_equals_oracle():
     assert (rep - dense_rep).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("with_text", [False, True])
+@pytest.mark.parametrize("with_gate", [False, True])
+def test_all_blocks_runs_dense_and_matches_the_tiled_reference(with_text, with_gate):
+    """Sparsity 0 selects every block: the automatic choice runs dense attention + the coarse stage on the untiled
+    sequence; output, text output and every gradient equal the tiled reference (`implementation="torch"`)."""
+    torch.manual_seed(4)
+    grid, b, h, d, n_text = (5, 6, 7), 2, 2, 8, 6
+    s = grid[0] * grid[1] * grid[2]
+    inputs = [torch.randn(b, s, h, d) for _ in range(4)] + [torch.randn(b, n_text, h, d) for _ in range(3)]
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]], dtype=torch.bool) if with_text else None
+    results = {}
+    for implementation in (None, "torch"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        q, k, v, gate, rq, rk, rv = leaves
+        text = (rq, rk, rv) if with_text else (None, None, None)
+        out, rep = DistributedAttention_VSA(h, d)(q, k, v, *text, gate if with_gate else None, grid_size=grid,
+                                                  sparsity=0.0, replicated_mask=mask, implementation=implementation)
+        loss = (out * inputs[0].flip(1)).sum() + (rep.square().sum() if with_text else 0)
+        loss.backward()
+        results[implementation] = (out, rep, [t.grad for t in leaves], selection_report()["vsa"])
+    out, rep, grads, chosen = results[None]
+    ref_out, ref_rep, ref_grads, ref_chosen = results["torch"]
+    assert (chosen, ref_chosen) == ("dense", "torch")
+    assert (out - ref_out).abs().max() <= 1e-5
+    if with_text:
+        assert (rep - ref_rep).abs().max() <= 1e-5
+        assert (out - vsa_oracle(q, k, v, gate if with_gate else torch.ones_like(q), grid, 0.0,
+                                 text=(rk, rv, mask))).abs().max() <= 1e-5
+    for g, rg in zip(grads, ref_grads, strict=True):
+        if rg is None:
+            assert g is None or g.abs().max() == 0
+        else:
+            assert (g - rg).abs().max() <= 1e-5
+
+
 def test_sparsity_zero_and_zero_gate_equals_dense():
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 5 * 6 * 7, 4, 16) for _ in range(3))
@@ -111,7 +147,7 @@ def _vsa_inputs():
     return tensors, text, mask, weight
 
 
-def _vsa_body(rank, world, with_text):
+def _vsa_body(rank, world, with_text, sparsity=0.5):
     group = get_sequence_parallel_groups().sp_group
     tensors, text, mask, weight = _vsa_inputs()
     leaves = [t.clone().requires_grad_() for t in tensors]
@@ -120,7 +156,7 @@ def _vsa_body(rank, world, with_text):
     s = tensors[0].shape[1]
     rep_args = text_leaves if with_text else [None, None, None]
     out, rep = DistributedAttention_VSA(4, 8)(
-        *shards[:3], *rep_args, shards[3], original_seq_len=s, grid_size=GRID, sparsity=0.5,
+        *shards[:3], *rep_args, shards[3], original_seq_len=s, grid_size=GRID, sparsity=sparsity,
         replicated_mask=mask if with_text else None,
     )
     full = gather_sequence(out, group, 1, s)
@@ -134,10 +170,11 @@ def _vsa_body(rank, world, with_text):
 
 
 @pytest.mark.parametrize("with_text", [False, True])
-def test_vsa_sequence_parallel_equals_single_process(with_text):
-    ref_out, ref_rep, ref_grads = _vsa_body(0, 1, with_text)
+@pytest.mark.parametrize("sparsity", [0.5, 0.0])  # 0.0: every block, the dense route
+def test_vsa_sequence_parallel_equals_single_process(with_text, sparsity):
+    ref_out, ref_rep, ref_grads = _vsa_body(0, 1, with_text, sparsity)
     for world in (2, 4):
-        for out, rep, grads in run_distributed(world, _vsa_body, with_text):
+        for out, rep, grads in run_distributed(world, _vsa_body, with_text, sparsity):
             assert (out - ref_out).abs().max() <= 1e-5
             if with_text:
                 assert (rep - ref_rep).abs().max() <= 1e-5

@@ -20,11 +20,28 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ..distributed.collectives import broadcast_from_first, group_rank, group_size
-from ..vsa.tiling import num_blocks, tile, tile_layout, topk_for_sparsity, untile
-from .backends import VSA_IMPLEMENTATIONS, dense_attention, lse_backend, vsa_attention_tiled
-from .registry import select_backend
+from ..numerics import acc as _acc
+from ..vsa.reference import block_mean
+from ..vsa.tiling import (
+    BLOCK,
+    TileLayout,
+    num_blocks,
+    tile,
+    tile_layout,
+    topk_for_sparsity,
+    untile,
+)
+from .backends import (
+    VSA_IMPLEMENTATIONS,
+    dense_attention,
+    lse_backend,
+    names_vsa_implementation,
+    vsa_attention_tiled,
+)
+from .registry import record_choice, select_backend
 from .ring import joint_key_mask, ring_attention
 from .validation import check_grid, check_sparsity
 
@@ -64,6 +81,17 @@ class AttentionImpl:
         return dense_attention(q, k, v, scale=layer.softmax_scale, causal=layer.causal, key_mask=key_mask,
                                backend=layer.backend, supported=layer.supported_attention_backends)
 
+    def dense_joint(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    replicated: Replicated | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dense attention of `[video ; replicated]` queries over `[video ; valid replicated]` keys, split back
+        into `(out [B, S, H, D], replicated_out [B, L, H, D] or None)`."""
+        if replicated is None:
+            return self.dense(q, k, v), None
+        video_len = q.shape[1]
+        out = self.dense(torch.cat([q, replicated.q], 1), torch.cat([k, replicated.k], 1),
+                         torch.cat([v, replicated.v], 1), joint_key_mask(video_len, replicated.mask))
+        return out[:, :video_len], out[:, video_len:]
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
                replicated: Replicated | None, options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -75,12 +103,7 @@ class DenseImpl(AttentionImpl):
     can_ring = True
 
     def attend(self, q, k, v, gate, replicated, options):
-        if replicated is None:
-            return self.dense(q, k, v), None
-        video_len = q.shape[1]
-        out = self.dense(torch.cat([q, replicated.q], 1), torch.cat([k, replicated.k], 1),
-                         torch.cat([v, replicated.v], 1), joint_key_mask(video_len, replicated.mask))
-        return out[:, :video_len], out[:, video_len:]
+        return self.dense_joint(q, k, v, replicated)
 
 
 class RingImpl(AttentionImpl):
@@ -132,7 +155,8 @@ class VSAImpl(AttentionImpl):
     Tiles the grid into 4x4x4 cubes (64-token blocks) and computes `out = rep64(coarse) * gate + block_sparse(top-k
     blocks)`; top-k is per head, so the result does not depend on the SP degree. Replicated (text) tokens: video
     queries attend to their top-k video blocks *and* all valid text keys in one softmax (the coarse stage stays
-    video-only); text queries attend densely to every video token and valid text key.
+    video-only); text queries attend densely to every video token and valid text key. When top-k keeps every block
+    (sparsity 0) and no implementation is named, the fine part runs as dense attention (`_all_blocks`).
     """
 
     def check(self, q, seq_len, options):
@@ -143,7 +167,7 @@ class VSAImpl(AttentionImpl):
         if implementation is not None and str(implementation).lower() not in ("auto", *VSA_IMPLEMENTATIONS):
             raise ValueError(f"implementation={implementation!r}; allowed: {('auto', *VSA_IMPLEMENTATIONS)}")
         runs_here = True  # an explicit implementation that cannot run on some rank must not surface after the
-        if implementation is not None and str(implementation).lower() != "auto":  # all-to-all: agreed on instead
+        if names_vsa_implementation(implementation):  # all-to-all: agreed on instead
             try:
                 select_backend("vsa", q, requested=implementation, strict=True)
             except ValueError:
@@ -159,6 +183,8 @@ class VSAImpl(AttentionImpl):
 
     def attend(self, q, k, v, gate, replicated, options):
         layout = tile_layout(options["grid"], q.device)
+        if options["topk"] == layout.num_blocks and not names_vsa_implementation(options["implementation"]):
+            return self._all_blocks(q, k, v, gate, replicated, layout)
         extra_k = extra_v = extra_mask = None
         if replicated is not None:
             extra_k, extra_v, extra_mask = replicated.k.transpose(1, 2), replicated.v.transpose(1, 2), replicated.mask
@@ -173,3 +199,15 @@ class VSAImpl(AttentionImpl):
         rep_out = self.dense(replicated.q, torch.cat([k, replicated.k], 1), torch.cat([v, replicated.v], 1),
                              joint_key_mask(q.shape[1], replicated.mask))
         return out, rep_out
+
+    def _all_blocks(self, q, k, v, gate, replicated, layout: TileLayout):
+        """Every key block selected (sparsity 0): the fine part is then dense attention over all tokens (and the
+        valid text keys), so it runs exactly on the dense backend over the untiled sequence, which has no pad
+        slots (the tiled kernels compute ~1.5x the dense FLOPs on the Wan grids); the coarse part is added per
+        token. An explicit `implementation` keeps the tiled kernels."""
+        record_choice("vsa", "dense", "every key block is selected: dense attention + coarse stage")
+        out, rep_out = self.dense_joint(q, k, v, replicated)
+        means = [_acc(block_mean(tile(x, layout), layout.block_sizes)) for x in (q, k, v)]  # [B, H, N, D]
+        out_c = F.scaled_dot_product_attention(*means, scale=self.layer.softmax_scale).to(q.dtype)
+        coarse = out_c.transpose(1, 2).index_select(1, layout.slot_index // BLOCK)  # [B, S, H, D]
+        return (out + coarse if gate is None else torch.addcmul(out, coarse, gate)), rep_out

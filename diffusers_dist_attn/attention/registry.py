@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import operator
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -287,7 +288,8 @@ def select_backend(
             names = tuple(r.name for r in backends_of("dense") if r.name in names or (r.family and r.family in
                           {_ALIASES.get(n) for n in names}))
         allowed = names or None
-    name = _select(kind, device.type, capability, like.dtype, int(like.shape[-1]), (has_mask, needs_lse, extra_keys),
+    # operator.index: a head dim that torch.compile made symbolic (it changed between calls) becomes a guarded constant
+    name = _select(kind, device.type, capability, like.dtype, operator.index(like.shape[-1]), (has_mask, needs_lse, extra_keys),
                    request, from_env, allowed, strict)
     _LAST[kind + (":lse" if needs_lse else "")] = name
     return _REGISTRY[kind][name]
@@ -305,6 +307,16 @@ def _request_name(kind: str, value: AttentionBackendEnum | str | None) -> str | 
         except ValueError:
             return text.lower()
     return str(value).strip().lower() or "auto"
+
+
+@torch.compiler.assume_constant_result
+def record_choice(kind: str, name: str, message: str) -> str:
+    """Record (and return) a choice a caller made from its data rather than from the registry (e.g. VSA with every
+    block selected running dense attention): logged once at INFO and shown by `selection_report`. Runs eagerly
+    when traced (a constant of the graph), as `_select` does."""
+    note_once(f"{kind} attention: {name} ({message})", False)
+    _LAST[kind] = name
+    return name
 
 
 def selection_report() -> dict[str, str]:

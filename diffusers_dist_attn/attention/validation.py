@@ -4,6 +4,7 @@ raises a clear `ValueError` everywhere instead of hanging one rank in an all-to-
 from __future__ import annotations
 
 import numbers
+import operator
 
 import torch
 
@@ -156,7 +157,9 @@ def check_grid(grid_size: tuple[int, int, int] | None, seq_len: int) -> tuple[in
         raise ValueError("grid_size=(T, H, W) of the post-patch video grid is required for video sparse attention")
     if len(grid_size) != 3 or not all(_is_int(g) and g >= 1 for g in grid_size):
         raise ValueError(f"grid_size must be three positive ints (T, H, W); got {grid_size}")
-    grid = tuple(int(g) for g in grid_size)
+    # operator.index specializes a traced SymInt to a constant (with a guard): torch.compile turns int arguments that
+    # change between calls (a second video size) into SymInts, but the tile layout is built per grid, eagerly
+    grid = tuple(operator.index(g) for g in grid_size)
     if grid[0] * grid[1] * grid[2] != seq_len:
         raise ValueError(
             f"grid_size {grid} has {grid[0] * grid[1] * grid[2]} tokens but the (unpadded) sequence has {seq_len}"

@@ -30,10 +30,11 @@ def real_slots(block_sizes: torch.Tensor, device: torch.device | str | None = No
 
 
 def block_mean(x: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
-    """Mean over the real tokens of each 64-slot block: `[B, H, 64*N, D] -> [B, H, N, D]` (fp32 sums)."""
+    """Mean over the real tokens of each 64-slot block: `[B, H, 64*N, D] -> [B, H, N, D]` (sums in fp32, or fp64 for
+    fp64 inputs; the result in x's dtype, as the kernels store it)."""
     b, h, s, d = x.shape
-    real = real_slots(block_sizes, x.device)[:, None]
-    sums = (_acc(x) * real).view(b, h, s // BLOCK, BLOCK, d).sum(3)
+    real = real_slots(block_sizes, x.device).view(s // BLOCK, BLOCK, 1)
+    sums = x.reshape(b, h, s // BLOCK, BLOCK, d).masked_fill(~real, 0).sum(3, dtype=_acc(x[:0]).dtype)
     return (sums / block_sizes.to(sums.device, sums.dtype)[:, None]).to(x.dtype)
 
 

@@ -64,7 +64,7 @@ SIZE_CLASSES = True
 CONFIGS: dict[str, dict[str, int]] = {
     "fwd": {"num_warps": 4, "num_stages": 5, "tma": 1},
     "dq": {"num_warps": 4, "num_stages": 2, "tma": 1},
-    "dkdv": {"num_warps": 4, "num_stages": 2, "tma": 1},
+    "dkdv": {"num_warps": 4, "num_stages": 2, "tma": 1, "longest_first": 1},
     "fwd_dense": {"group": 1, "num_warps": 8, "num_stages": 2, "tma": 1},
     "dq_dense": {"group": 1, "num_warps": 8, "num_stages": 2, "tma": 1},
     "dkdv_dense": {"group": 1, "num_warps": 8, "num_stages": 2, "tma": 0},
@@ -428,15 +428,19 @@ def _dkdv_queries(k, v, dk, dv, Q, DO, LSE, DELTA, idx_ptr, start, end, BS, seq_
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, Q32, Q16, K, V, DO, DO32, DO16, LSE, DELTA, DKC, DVC, DK, DV, K2Q, K2QN, BS, qk_scale, sm_scale, N,
-    D: tl.constexpr, USE_TMA: tl.constexpr, GB: tl.constexpr,
+    Q, Q32, Q16, K, V, DO, DO32, DO16, LSE, DELTA, DKC, DVC, DK, DV, K2Q, K2QN, ORDER, BS, qk_scale, sm_scale, N,
+    D: tl.constexpr, USE_TMA: tl.constexpr, GB: tl.constexpr, LONGEST_FIRST: tl.constexpr,
 ):  # fmt: skip
     """grid (cdiv(N, GB), BH): dK, dV of key blocks `blk0 ..` over the query blocks that selected `blk0` (one loop
     per size class; GB > 1 only when all key blocks share that list, i.e. topk == N), plus the coarse terms (`DKC`,
-    `DVC` fp32 `[BH, N, D]`, divided by the block sizes here); zero in pad slots."""
+    `DVC` fp32 `[BH, N, D]`, divided by the block sizes here); zero in pad slots. `LONGEST_FIRST`: program `i` of a
+    head takes key block `ORDER[bh, i]` (int32 `[BH, N]`, that head's blocks by list length, longest first)."""
     BM: tl.constexpr = 64 * GB
-    blk0 = tl.program_id(0) * GB
     bh = tl.program_id(1).to(tl.int64)
+    if LONGEST_FIRST:
+        blk0 = tl.load(ORDER + bh * N + tl.program_id(0))
+    else:
+        blk0 = tl.program_id(0) * GB
     seq_row = bh * N * 64
     list_id = bh * N + blk0
     offs_d = tl.arange(0, D)
@@ -673,8 +677,14 @@ def sparse_bwd_dkdv(
     cfg, gb = _grouping("dkdv", n, shared_lists)
     dk, dv = new_output(k.shape, k), new_output(v.shape, v)
     use_tma, (q64, q32, q16, do64, do32, do16) = _operands(cfg, q, dout)
+    # Lists differ in length (popular key blocks are selected by several times topk query blocks): launching the
+    # longest first keeps them out of the last wave. Stable, so equal lengths keep their spatial order.
+    longest_first = gb == 1 and bool(cfg.get("longest_first", 0))
+    order = (torch.sort(k2q_num[..., 2].view(bh, n), dim=-1, descending=True, stable=True).indices.to(torch.int32)
+             if longest_first else k2q_num)
     _bwd_dkdv_kernel[(triton.cdiv(n, gb), bh)](
-        q64, q32, q16, k, v, do64, do32, do16, lse, delta, dkc, dvc, dk, dv, k2q_idx, k2q_num, block_sizes,
-        scale * LOG2E, scale, n, D=d, USE_TMA=use_tma, GB=gb, num_warps=cfg["num_warps"], num_stages=_num_stages(cfg, q),
+        q64, q32, q16, k, v, do64, do32, do16, lse, delta, dkc, dvc, dk, dv, k2q_idx, k2q_num, order, block_sizes,
+        scale * LOG2E, scale, n, D=d, USE_TMA=use_tma, GB=gb, LONGEST_FIRST=longest_first,
+        num_warps=cfg["num_warps"], num_stages=_num_stages(cfg, q),
     )  # fmt: skip
     return dk, dv

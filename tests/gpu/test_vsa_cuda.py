@@ -15,6 +15,7 @@ import torch
 from test_vsa_triton import TOL, _inputs, _rel, check_forward, check_gradients
 
 from diffusers_dist_attn.attention.backends import available_implementations
+from diffusers_dist_attn.attention.registry import select_backend
 from diffusers_dist_attn.vsa import cuda_build, cuda_ops, triton_ops
 from diffusers_dist_attn.vsa.reference import real_slots
 from diffusers_dist_attn.vsa.tiling import topk_for_sparsity
@@ -168,7 +169,11 @@ def test_gradients_match_reference(ext, case, sparsity, with_gate):
 
 
 def test_dispatch_opt_in(ext, monkeypatch):
-    assert available_implementations("cuda")[0] == "cuda"
+    """Opted in, the CUDA forward runs when named; the automatic choice stays Triton (the faster one measured)."""
+    assert available_implementations("cuda")[:2] == ["triton", "cuda"]
+    q = torch.zeros(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
+    assert select_backend("vsa", q).name == "triton"
+    assert select_backend("vsa", q, requested="cuda", strict=True).name == "cuda"
     monkeypatch.delenv(cuda_ops.ENABLE_ENV)
     assert "cuda" not in available_implementations("cuda")
 

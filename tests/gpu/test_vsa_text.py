@@ -86,6 +86,43 @@ def test_layer_with_text_matches_reference(grid, b, h, d, text, mask_kind):
     assert rep.shape == rq.shape
 
 
+@pytest.mark.parametrize("grid,d,text", [((5, 6, 7), 64, 0), ((9, 13, 6), 128, 40)])
+def test_all_blocks_runs_dense_and_matches_the_kernel(grid, d, text):
+    """Sparsity 0 selects every block: the automatic choice runs dense attention + the coarse stage (untiled) and
+    agrees with the Triton kernel (explicit) and the fp32 reference in output and gradients; compiles fullgraph."""
+    from diffusers_dist_attn.attention.registry import selection_report
+
+    torch.manual_seed(sum(grid) + d)
+    b, h = 2, 2
+    s = grid[0] * grid[1] * grid[2]
+    x = [torch.randn(b, s, h, d, device="cuda") for _ in range(4)] + [torch.randn(b, text, h, d, device="cuda")
+                                                                        for _ in range(3)]
+    mask = _mask("prefix", b, text) if text else None
+    layer = DistributedAttention_VSA(h, d)
+    dout = torch.randn(b, s, h, d, device="cuda")
+    results = {}
+    for implementation in (None, "triton", "torch"):
+        leaves = [z.bfloat16().requires_grad_() if implementation != "torch" else z.bfloat16().float().requires_grad_()
+                  for z in x]
+        rep_args = leaves[4:7] if text else [None, None, None]
+        out, _ = layer(*leaves[:3], *rep_args, leaves[3], grid_size=grid, sparsity=0.0, replicated_mask=mask,
+                       implementation=implementation)
+        grads = torch.autograd.grad(out, leaves[:4] + (leaves[5:7] if text else []), dout.to(out.dtype))
+        results[implementation] = (out, grads, selection_report()["vsa"])
+    assert [results[i][2] for i in (None, "triton", "torch")] == ["dense", "triton", "torch"]
+    ref_out, ref_grads, _ = results["torch"]
+    for implementation in (None, "triton"):
+        out, grads, _ = results[implementation]
+        assert _rel(out, ref_out) < TOL, implementation
+        for got, want in zip(grads, ref_grads, strict=True):
+            assert _rel(got, want) < TOL, implementation
+    q, k, v, g = (z.bfloat16() for z in x[:4])
+    rep_args = [z.bfloat16() for z in x[4:7]] if text else [None, None, None]
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(q, k, v, *rep_args, g, grid_size=grid, sparsity=0.0, replicated_mask=mask)[0]
+    assert _rel(out, results[None][0]) < TOL  # compiled: the gate epilogue fuses (one bf16 rounding, not two)
+
+
 def test_text_path_compiles_fullgraph():
     torch.manual_seed(0)
     grid, h, d = (4, 8, 8), 2, 64
