@@ -242,7 +242,7 @@ def main(argv=None) -> None:
     DKDV_IN_ORDER = args.dkdv_in_order
     CLI_SPARSITIES[:] = args.sparsity
     if args.cuda:
-        os.environ[cuda_ops.ENABLE_ENV] = "1"  # the compiled forward joins the automatic order (and layer_text)
+        os.environ[cuda_ops.ENABLE_ENV] = "1"  # the compiled forward, run by name (the automatic choice is Triton)
         CUDA_BUILT = cuda_ops.is_available()
         print("sm_90a VSA forward:", "built" if CUDA_BUILT else "NOT usable", flush=True)
     fastvideo = _fastvideo()
