@@ -456,17 +456,21 @@ def main(argv=None) -> None:
     parser.add_argument("--no-breakdown", action="store_true")
     parser.add_argument("--grid", type=int, nargs=3, metavar=("T", "H", "W"),
                         help="a real video grid: one shape (1, --heads, 64 N, 128) with its partial blocks")
-    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--heads", type=int, help="heads of the --grid shape (default 12)")
     parser.add_argument("--sweep-only", action="store_true",
                         help="stop after the sweep (writes <out>/sweeps/vsa_sweep_<tag>.json)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--tag", default=dt.date.today().isoformat())
     args = parser.parse_args(argv)
+    if args.grid and (args.shapes or args.extra):
+        parser.error("--grid sets the one shape; it cannot be combined with --shapes or --extra")
+    if args.heads is not None and not args.grid:
+        parser.error("--heads applies to --grid only")
     shapes = [tuple(s) for s in (args.shapes or DEFAULT_SHAPES)] + [tuple(s) for s in (args.extra or [])]
     if args.grid:
         global GRID
         GRID = tuple(args.grid)
-        shapes = [(1, args.heads, 64 * num_blocks(GRID), 128)]
+        shapes = [(1, args.heads or 12, 64 * num_blocks(GRID), 128)]
     for s in shapes:
         if s[2] % 64:
             parser.error(f"S must be a multiple of 64: {s}")

@@ -86,7 +86,8 @@ def _fastvideo() -> dict[str, object]:
         import fastvideo_kernel
 
         fv_sparse = importlib.import_module("fastvideo_kernel.block_sparse_attn")  # the package shadows it
-    except Exception as exc:  # noqa: BLE001 - optional dependency
+        sm90 = fv_sparse._is_sm90() and all(op is not None for op in fv_sparse._get_sm90_ops())  # private API
+    except Exception as exc:  # noqa: BLE001 - optional dependency (and its private helpers may change)
         print(f"fastvideo_kernel not usable: {type(exc).__name__}: {exc}")
         return {}
 
@@ -98,7 +99,7 @@ def _fastvideo() -> dict[str, object]:
         return run
 
     found = {"fastvideo_triton": backend(True)}
-    if fv_sparse._is_sm90() and all(op is not None for op in fv_sparse._get_sm90_ops()):
+    if sm90:
         found["fastvideo_tk"] = backend(False)
     else:
         print("fastvideo_kernel: no sm_90 extension here (its wheel is built for another torch); Triton only")

@@ -6,9 +6,7 @@
 #   bash benchmarks/run_gpu_cuda.sh        (TAG=h200 by default)
 set -u
 source benchmarks/gpu_env.sh
-export DIFFUSERS_DIST_ATTN_VSA_CUDA=1 DIFFUSERS_DIST_ATTN_CACHE=/tmp/dda_cache
-TAG="${TAG:-h200}"
-log() { echo "[$(date +%T)] $*" | tee -a "$OUT/cuda.log"; }
+vsa_script_start cuda.log
 log "build"
 python3 -m diffusers_dist_attn build-kernels --verbose > "$OUT/build.log" 2>&1; log "build exit $?"; tail -3 "$OUT/build.log"
 for tool in memcheck synccheck; do

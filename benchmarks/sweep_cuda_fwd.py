@@ -68,9 +68,8 @@ def _lists(kind: str, sparsity: float) -> dict:
     topk = topk_for_sparsity(sparsity, layout.num_blocks)
     qc, kc, vc = kern.block_means(q, k, v, bs)
     out_c, _, _, idx, num = kern.coarse_select(qc, kc, vc, topk, D**-0.5, bs)
-    kern.SIZE_CLASSES = False  # the same lists as one 64-row class (Triton's fine stage before the split)
-    idx_1class, num_1class = kern.coarse_select(qc, kc, vc, topk, D**-0.5, bs)[3:]
-    kern.SIZE_CLASSES = True
+    with bench_vsa_layer.kernel_settings(size_classes=False):  # the same lists as one 64-row class
+        idx_1class, num_1class = kern.coarse_select(qc, kc, vc, topk, D**-0.5, bs)[3:]
     n = layout.num_blocks
     sel = torch.zeros(*idx.shape[:3], n, dtype=torch.bool, device="cuda").scatter_(-1, idx.long(), True)
     pair_union = (sel[:, :, 0:n - 1:2] | sel[:, :, 1::2]).sum(-1).float()
@@ -78,10 +77,6 @@ def _lists(kind: str, sparsity: float) -> dict:
     return {"q": q, "k": k, "v": v, "g": g, "bs": bs, "out_c": out_c, "idx": idx, "num": num, "topk": topk,
             "idx_1class": idx_1class, "num_1class": num_1class,
             "overlap": overlap, "flops": 4.0 * HEADS * n * 64 * topk * 64 * D}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def main() -> None:
@@ -92,6 +87,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--tag", default="h200")
     args = parser.parse_args()
+    if any(not re.fullmatch(r"[A-Za-z0-9_-]+=.+", item) for item in args.variant_file):
+        parser.error(f"--variant-file takes NAME=PATH with NAME of letters, digits, '_' or '-'; got {args.variant_file}")
     files = dict(item.split("=", 1) for item in args.variant_file)
     unknown = [name for name in args.variants if name not in VARIANTS] + [name for name in files if name in VARIANTS]
     if unknown:
@@ -117,7 +114,7 @@ def main() -> None:
             out, out_s = torch.full_like(st["q"], float("nan")), torch.full_like(st["q"], float("nan"))
             lse = torch.full(st["q"].shape[:3], float("nan"), device="cuda")
             ext.sparse_fwd(*fine, out, out_s, lse)
-            err = max(_rel(out, want_out), _rel(out_s, want_os))
+            err = max(bench_vsa._rel(out, want_out), bench_vsa._rel(out_s, want_os))
             lse_err = (lse - want_lse)[..., real_slots(st["bs"])].abs().max().item()  # pad slots: no contract
             ok = err <= 2e-2 and lse_err <= 2e-2
             ms = bench_vsa._median_ms(lambda ext=ext, fine=fine, out=out, lse=lse: ext.sparse_fwd(*fine, out, None, lse))

@@ -184,6 +184,45 @@ def test_check_can_be_disabled():
     assert results[-1]["disabled_silent_err"] > 1e-2  # what the check exists for: a silently wrong result
 
 
+def _named_vsa_worker(rank: int, world: int) -> tuple[str | None, float]:
+    """`vsa_implementation="torch"` that cannot run on the last rank only (its registry row reports it missing, as a
+    failed build would): every rank must raise before the all-to-alls."""
+    import dataclasses
+
+    from diffusers_dist_attn.attention.registry import get_backend, register_backend
+
+    row = get_backend("vsa", "torch")
+    if rank == world - 1:
+        register_backend(dataclasses.replace(row, available=lambda: "not installed on this rank"))
+    model, inputs = _model(), _inputs()
+    handle = parallelize(model, attention="vsa", sparsity=0.5, vsa_implementation="torch")
+    start = time.monotonic()
+    try:
+        with torch.no_grad():
+            _forward(model, inputs)
+        return None, time.monotonic() - start
+    except ValueError as exc:
+        return str(exc), time.monotonic() - start
+    finally:
+        handle.remove()
+        register_backend(row)
+
+
+def test_named_vsa_implementation_missing_on_one_rank_raises_on_every_rank():
+    results = run_distributed(2, _named_vsa_worker, timeout=60)
+    messages = [message for message, _ in results]
+    assert all(m is not None for m in messages) and len(set(messages)) == 1, messages
+    assert "vsa implementation can run here differs" in messages[0], messages[0]
+    assert all(seconds < RAISE_WITHIN_S for _, seconds in results)
+
+
+def test_unknown_vsa_implementation_is_refused_before_any_change():
+    model = _model()
+    with pytest.raises(ValueError, match="vsa_implementation='tritn'"):
+        parallelize(model, attention="vsa", sparsity=0.5, vsa_implementation="tritn")
+    assert "_dda_parallel" not in model.__dict__
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch.compile: the check runs in the root hooks, outside blocks compiled with compile_repeated_blocks
 # ---------------------------------------------------------------------------------------------------------------

@@ -103,6 +103,33 @@ def test_all_blocks_runs_dense_and_matches_the_tiled_reference(with_text, with_g
             assert (g - rg).abs().max() <= 1e-5
 
 
+def test_all_blocks_keeps_the_kernels_an_environment_names(monkeypatch):
+    monkeypatch.setenv("DIFFUSERS_DIST_ATTN_VSA_IMPL", "torch")
+    q, k, v = (torch.randn(1, 210, 2, 8) for _ in range(3))
+    DistributedAttention_VSA(2, 8)(q, k, v, grid_size=(5, 6, 7), sparsity=0.0)
+    assert selection_report()["vsa"] == "torch"
+
+
+def test_switching_between_the_dense_route_and_the_kernels_compiles_two_graphs():
+    """The choice bookkeeping runs outside the graph: alternating sparsity 0 and 0.5 must not recompile (dynamo
+    would guard on the report dict if it were written in traced code)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    layer = DistributedAttention_VSA(2, 8)
+    compiled = torch.compile(layer, fullgraph=True, backend=counting_backend)
+    q, k, v, g = (torch.randn(1, 90, 2, 8) for _ in range(4))
+    for sparsity in (0.0, 0.0, 0.5, 0.5, 0.0, 0.5, 0.0):
+        out = compiled(q, k, v, gate_compress=g, grid_size=(3, 5, 6), sparsity=sparsity)[0]
+        ref = layer(q, k, v, gate_compress=g, grid_size=(3, 5, 6), sparsity=sparsity)[0]
+        assert (out - ref).abs().max() <= 1e-5
+    assert len(graphs) == 2
+
+
 def test_sparsity_zero_and_zero_gate_equals_dense():
     torch.manual_seed(2)
     q, k, v = (torch.randn(1, 5 * 6 * 7, 4, 16) for _ in range(3))

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import envs
 from ..distributed.collectives import broadcast_from_first, group_rank, group_size
 from ..numerics import acc as _acc
 from ..vsa.reference import block_mean
@@ -156,7 +157,7 @@ class VSAImpl(AttentionImpl):
     blocks)`; top-k is per head, so the result does not depend on the SP degree. Replicated (text) tokens: video
     queries attend to their top-k video blocks *and* all valid text keys in one softmax (the coarse stage stays
     video-only); text queries attend densely to every video token and valid text key. When top-k keeps every block
-    (sparsity 0) and no implementation is named, the fine part runs as dense attention (`_all_blocks`).
+    (sparsity 0) and no implementation is named, the fine part runs as exact dense attention (`_all_blocks`).
     """
 
     def check(self, q, seq_len, options):
@@ -164,7 +165,7 @@ class VSAImpl(AttentionImpl):
         sparsity = options.pop("sparsity", 0.0)
         implementation = options.pop("implementation", None)
         super().check(q, seq_len, options)
-        if implementation is not None and str(implementation).lower() not in ("auto", *VSA_IMPLEMENTATIONS):
+        if names_vsa_implementation(implementation) and str(implementation).strip().lower() not in VSA_IMPLEMENTATIONS:
             raise ValueError(f"implementation={implementation!r}; allowed: {('auto', *VSA_IMPLEMENTATIONS)}")
         runs_here = True  # an explicit implementation that cannot run on some rank must not surface after the
         if names_vsa_implementation(implementation):  # all-to-all: agreed on instead
@@ -174,16 +175,20 @@ class VSAImpl(AttentionImpl):
                 runs_here = False
         grid = check_grid(grid_size, seq_len)
         sparsity = check_sparsity(sparsity)
-        return {"grid": grid, "sparsity": sparsity, "topk": topk_for_sparsity(sparsity, num_blocks(grid)),
-                "implementation": implementation, "runs_here": runs_here}
+        topk = topk_for_sparsity(sparsity, num_blocks(grid))
+        # every block selected: exact dense attention (`_all_blocks`) unless a call or the environment names the kernels
+        dense_route = topk == num_blocks(grid) and not names_vsa_implementation(implementation or envs.get(envs.VSA_IMPL))
+        return {"grid": grid, "sparsity": sparsity, "topk": topk, "implementation": implementation,
+                "runs_here": runs_here, "dense_route": dense_route}
 
     def fields(self, options):
         return {"grid_size": options["grid"], "sparsity": options["sparsity"],  # topk follows from these two
-                "implementation": options["implementation"], "implementation runs here": options["runs_here"]}
+                "implementation": options["implementation"], "implementation runs here": options["runs_here"],
+                "dense route (every block selected)": options["dense_route"]}
 
     def attend(self, q, k, v, gate, replicated, options):
         layout = tile_layout(options["grid"], q.device)
-        if options["topk"] == layout.num_blocks and not names_vsa_implementation(options["implementation"]):
+        if options["dense_route"]:
             return self._all_blocks(q, k, v, gate, replicated, layout)
         extra_k = extra_v = extra_mask = None
         if replicated is not None:
@@ -204,10 +209,11 @@ class VSAImpl(AttentionImpl):
         """Every key block selected (sparsity 0): the fine part is then dense attention over all tokens (and the
         valid text keys), so it runs exactly on the dense backend over the untiled sequence, which has no pad
         slots (the tiled kernels compute ~1.5x the dense FLOPs on the Wan grids); the coarse part is added per
-        token. An explicit `implementation` keeps the tiled kernels."""
+        token. A named implementation (the call's or `DIFFUSERS_DIST_ATTN_VSA_IMPL`) keeps the tiled kernels."""
         record_choice("vsa", "dense", "every key block is selected: dense attention + coarse stage")
         out, rep_out = self.dense_joint(q, k, v, replicated)
         means = [_acc(block_mean(tile(x, layout), layout.block_sizes)) for x in (q, k, v)]  # [B, H, N, D]
+        # SDPA, not `reference.coarse_attention`: no [N, N] score matrix (448 MB fp32 on a HunyuanVideo shard)
         out_c = F.scaled_dot_product_attention(*means, scale=self.layer.softmax_scale).to(q.dtype)
         coarse = out_c.transpose(1, 2).index_select(1, layout.slot_index // BLOCK)  # [B, S, H, D]
         return (out + coarse if gate is None else torch.addcmul(out, coarse, gate)), rep_out

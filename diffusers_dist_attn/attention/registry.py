@@ -220,6 +220,7 @@ def _select(kind: str, device_type: str, capability: tuple[int, int] | None, dty
     query = Query(kind, device_type, capability, dtype, head_dim, *flags)
     name = _choose(query, request, from_env, allowed, strict)
     _REGISTRY[query.kind][name].implementation()
+    _LAST[kind + (":lse" if flags[1] else "")] = name  # here, not in traced code: dynamo would guard on the dict
     return name
 
 
@@ -291,7 +292,6 @@ def select_backend(
     # operator.index: a head dim that torch.compile made symbolic (it changed between calls) becomes a guarded constant
     name = _select(kind, device.type, capability, like.dtype, operator.index(like.shape[-1]), (has_mask, needs_lse, extra_keys),
                    request, from_env, allowed, strict)
-    _LAST[kind + (":lse" if needs_lse else "")] = name
     return _REGISTRY[kind][name]
 
 
@@ -312,13 +312,14 @@ def _request_name(kind: str, value: AttentionBackendEnum | str | None) -> str | 
 @torch.compiler.assume_constant_result
 def record_choice(kind: str, name: str, message: str) -> str:
     """Record (and return) a choice a caller made from its data rather than from the registry (e.g. VSA with every
-    block selected running dense attention): logged once at INFO and shown by `selection_report`. Runs eagerly
-    when traced (a constant of the graph), as `_select` does."""
+    block selected running dense attention): logged once at INFO and shown by `selection_report`. When traced it
+    runs once, eagerly, as `_select` does, so its bookkeeping is not part of the graph (nor guarded on)."""
     note_once(f"{kind} attention: {name} ({message})", False)
     _LAST[kind] = name
     return name
 
 
 def selection_report() -> dict[str, str]:
-    """What each kind of attention last ran in this process: e.g. `{"dense": "sdpa_cudnn", "vsa": "triton"}`."""
+    """What each kind of attention last ran in this process: e.g. `{"dense": "sdpa_cudnn", "vsa": "triton"}` (for
+    compiled code: what was chosen when it was last traced)."""
     return dict(_LAST)

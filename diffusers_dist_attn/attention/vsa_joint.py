@@ -84,7 +84,7 @@ class _VSAWithText(torch.autograd.Function):
             return (None,) * 11
         q, k, v, gate, block_sizes, fine, lse, out_c, sel, idx, num, qc, kc, vc, text_k, text_v, text_mask = \
             ctx.saved_tensors
-        dout = (dout * real_slots(block_sizes, dout.device)[:, None]).contiguous()
+        dout = dout.masked_fill(~real_slots(block_sizes, dout.device)[:, None], 0).contiguous()
         dq, dk, dv, dgate = torch.ops.diffusers_dist_attn.vsa_bwd(
             dout, q, k, v, gate, fine, (lse / _LN2).contiguous(), out_c, sel, idx, num, qc, kc, vc, block_sizes,
             ctx.scale)

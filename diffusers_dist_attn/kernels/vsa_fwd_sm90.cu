@@ -1,7 +1,7 @@
 // Video Sparse Attention, fine-stage FORWARD for Hopper (sm_90a): block-sparse flash attention over 64x64 blocks.
 //
 // Opt-in (DIFFUSERS_DIST_ATTN_VSA_CUDA=1): it reads every key block as a 64-row tile, while the Triton kernels read
-// partial border blocks as 16/32-row tiles; on one H200 the layer forward takes 14-31% longer with it, so it is not
+// partial border blocks as 16/32-row tiles; on one H200 the layer forward takes 12-33% longer with it, so it is not
 // the default (see README.md here). Correctness: tests/gpu/test_vsa_cuda.py; ptxas resources: BUILD_NOTES.md
 // here; speed: benchmarks/NOTES.md.
 //

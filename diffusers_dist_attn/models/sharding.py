@@ -72,7 +72,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..attention.backends import lse_capable
+from ..attention.backends import VSA_IMPLEMENTATIONS, lse_capable, names_vsa_implementation
+from ..attention.registry import get_backend
 from ..attention.validation import check_head_split, check_sparsity
 from ..distributed.agreement import (
     RankDisagreementError,
@@ -232,6 +233,7 @@ class ShardingState:
     Set by the root pre-hook at the start of every forward: `original_seq_len` (unpadded token count `T*H*W`),
     `grid` (post-patch `(T, H, W)`), `step` (denoising step index, from the pipeline's scheduler or, without one,
     counted from changes of the timestep), `sparsity` (this step's value of `schedule`; `None` = dense).
+    `vsa_implementation`: the VSA implementation the processors name (None: automatic).
     """
 
     groups: SequenceParallelGroups
@@ -242,6 +244,7 @@ class ShardingState:
     grid: Grid | None = None
     step: int = 0
     sparsity: float | None = 0.0
+    vsa_implementation: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # free slot for model adapters
 
     @property
@@ -382,6 +385,10 @@ def _agreement_fields(state: ShardingState, inputs: Mapping[str, Any]) -> dict[s
     fields: dict[str, Any] = {"grid": state.grid, "original_seq_len": state.original_seq_len, "step": state.step,
                               "sparsity": state.sparsity, "attention": state.attention}
     tensors = {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+    if state.attention == "vsa" and names_vsa_implementation(state.vsa_implementation):
+        # a named implementation raises where it cannot run, which is inside the layers, between all-to-alls
+        row = get_backend("vsa", str(state.vsa_implementation).strip().lower())
+        fields["vsa implementation can run here"] = row.available() is None
     for (name, value), checksum in zip(tensors.items(), tensor_checksums(list(tensors.values())), strict=True):
         fields[f"{name}.shape"] = (tuple(value.shape), str(value.dtype).removeprefix("torch."))
         fields[name] = checksum  # one host sync for all tensor arguments
@@ -608,6 +615,9 @@ def parallelize(
     """
     found, pipeline = _transformers_of(pipe_or_transformer, components)
     resolve_sparsity(sparsity, 0)  # validate early (a schedule is validated again at every step)
+    vsa_implementation = options.get("vsa_implementation")
+    if names_vsa_implementation(vsa_implementation) and str(vsa_implementation).strip().lower() not in VSA_IMPLEMENTATIONS:
+        raise ValueError(f"vsa_implementation={vsa_implementation!r}; allowed: {('auto', *VSA_IMPLEMENTATIONS)}")
     num_heads = min(get_plan(model).num_heads(model) for model in found.values())
     for model in found.values():  # before _resolve_groups, which may create and install process groups
         plan = get_plan(model)
@@ -643,7 +653,8 @@ def parallelize(
     try:
         for name, model in found.items():
             plan = get_plan(model)
-            state = ShardingState(groups=groups, attention=attention, schedule=sparsity, step_source=step_source)
+            state = ShardingState(groups=groups, attention=attention, schedule=sparsity, step_source=step_source,
+                                  vsa_implementation=vsa_implementation)
             _apply(handle, model, plan, state, options)
             handle.transformers[name] = model
             handle.states[name] = state

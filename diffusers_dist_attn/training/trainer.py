@@ -377,7 +377,9 @@ class Trainer:
             # after parallelize: the compiled blocks trace the sharding hooks and this package's processors. One
             # graph per sparsity value and grad mode (+ slack): raise dynamo's per-code recompile limit to match.
             values = self.schedule_values()
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * values + 4)
+            dynamo = torch._dynamo.config  # the limit is `cache_size_limit` before torch 2.7
+            limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 2 * values + 4))
             model.compile_repeated_blocks(fullgraph=True)
         self.model = model
         params = [p for _, p in self.trainable]

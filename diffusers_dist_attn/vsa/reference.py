@@ -34,7 +34,7 @@ def block_mean(x: torch.Tensor, block_sizes: torch.Tensor) -> torch.Tensor:
     fp64 inputs; the result in x's dtype, as the kernels store it)."""
     b, h, s, d = x.shape
     real = real_slots(block_sizes, x.device).view(s // BLOCK, BLOCK, 1)
-    sums = x.reshape(b, h, s // BLOCK, BLOCK, d).masked_fill(~real, 0).sum(3, dtype=_acc(x[:0]).dtype)
+    sums = x.reshape(b, h, s // BLOCK, BLOCK, d).masked_fill(~real, 0).sum(3, dtype=torch.promote_types(x.dtype, torch.float32))
     return (sums / block_sizes.to(sums.device, sums.dtype)[:, None]).to(x.dtype)
 
 

@@ -22,10 +22,11 @@ inside a group) and each loop over a list runs once per class with that tile hei
 
 Pad slots are not tokens: the kernels write zeros there (out, out_s, dq, dk, dv, d_gate) and ignore `dout` there
 (which must be finite: dK/dV multiply its pad rows by zero instead of masking the tile, to keep the TMA operand in
-shared memory); the block means never read past a block's size. Inputs must be zero at pad slots (`tiling.tile`).
+shared memory); the block means never read past a block's size. Inputs must be finite at pad slots (`tiling.tile`
+writes zeros there).
 
-Measured on an H100 (see `benchmarks/NOTES.md`): the fine kernels are bound by the L2->SM traffic of the gathered
-64-row tiles (each K/V tile serves one 64-row query block).
+Measured on an H200 (see `benchmarks/NOTES.md`): the fine kernels run at ~570 (forward) to ~735 (dQ) TFLOP/s counted
+on 64x64 blocks, near the card's practical bf16 rate; sharing K/V tiles between query blocks did not pay.
 
 All matmuls take bf16/fp16 operands with fp32 accumulation; head_dim D in {64, 128} (any power of two >= 16 works).
 """
@@ -52,7 +53,7 @@ WIDTHS = (64, 32, 16)  # tile heights of the size classes (`_size_class`)
 # side-by-side benchmarks).
 SIZE_CLASSES = True
 
-# Launch configurations of the fine-stage kernels. `tma`: load the gathered 64-row K/V (Q/dO) tiles through TMA
+# Launch configurations of the fine-stage kernels. `tma`: load the gathered K/V (Q/dO) tiles of every height through TMA
 # tensor descriptors (sm_90+; otherwise plain pointer loads). `benchmarks/bench_vsa.py --sweep` measures the
 # alternatives on the card at hand and reports the fastest; the sparse defaults below come from its H200 runs on the
 # Wan 480p and 720p grids with size classes (`--grid`, `results/sweeps/`). `num_stages` is capped on cards with

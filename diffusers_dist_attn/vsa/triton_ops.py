@@ -137,7 +137,7 @@ def _bwd_torch(dout, q, k, v, gate, out_s, lse, out_c, sel, q_c, k_c, v_c, block
     b, h, s, d = q.shape
     real = real_slots(block_sizes, q.device)[:, None]
     qf, kf, vf = (_acc(t) for t in (q, k, v))
-    dof = _acc(dout) * real  # pad slots are not tokens: no gradient flows from them
+    dof = _acc(dout).masked_fill(~real, 0)  # pad slots are not tokens: no gradient flows from them
     logits = (qf @ kf.transpose(-1, -2)) * scale
     p = torch.where(_token_mask(sel, block_sizes), torch.exp2(logits * LOG2E - lse[..., None]), 0.0)
     delta = (dof * _acc(out_s)).sum(-1, keepdim=True)
